@@ -1,0 +1,288 @@
+"""Pack image-caption pairs into WebDataset tar shards.
+
+    python -m ldm.data.make_shards photos/ data/shards --samples-per-shard 1000   # or: ldm-shards ...
+
+SRC is either a folder of images (jpg/jpeg/png/webp, searched recursively) each with a `.txt`
+caption beside it (same stem), or a `.csv` (header `path,caption`) / `.jsonl` (`{"path": ...,
+"caption": ...}` per line) whose paths are relative to that file's folder. Image bytes are stored
+as they are (no re-encoding) under their own extension, the caption as `.txt` (or `--caption-key`).
+Each shard is written under a temporary name and renamed when complete, so a crash never leaves a
+truncated `shards-*.tar` behind. Pairs that cannot be used are skipped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from types import TracebackType
+
+import webdataset as wds
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SHARD_PREFIX = "shards"
+
+
+class ShardSink:
+    """Writes samples into numbered tar shards `{prefix}-000000.tar`, ... of `samples_per_shard` each.
+
+    A shard only gets its final name once it is complete; on an exception the partial one is
+    deleted. Samples are dicts of `__key__` and extension -> bytes.
+    """
+
+    def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int) -> None:
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.samples_per_shard = samples_per_shard
+        self.shards: list[str] = []
+        self._writer: wds.TarWriter | None = None
+        self._tmp_path: Path | None = None
+        self._count = 0
+
+    def write(self, sample: dict[str, str | bytes]) -> None:
+        if self._writer is None:
+            self._open_next()
+        assert self._writer is not None
+        self._writer.write(sample)
+        self._count += 1
+        if self._count == self.samples_per_shard:
+            self._finish_current()
+
+    def _open_next(self) -> None:
+        final = self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tmp_path = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        self._writer = wds.TarWriter(str(self._tmp_path), encoder=False)
+        self._count = 0
+
+    def _finish_current(self) -> None:
+        assert self._writer is not None and self._tmp_path is not None
+        self._writer.close()
+        final = self._tmp_path.with_name(self._tmp_path.name.rsplit(".tmp-", 1)[0])
+        os.replace(self._tmp_path, final)
+        self.shards.append(str(final))
+        self._writer, self._tmp_path = None, None
+
+    def close(self) -> list[str]:
+        """Finish the last (possibly short) shard; returns all shard paths in order."""
+        if self._writer is not None:
+            self._finish_current()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._writer is not None and self._tmp_path is not None:
+            self._writer.close()
+            self._tmp_path.unlink(missing_ok=True)
+            self._writer, self._tmp_path = None, None
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+@dataclass
+class ShardSummary:
+    """What `make_shards` did: samples written, shard paths, skipped pairs counted by reason."""
+
+    written: int = 0
+    shards: list[str] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def report(self) -> str:
+        lines = [f"wrote {self.written} samples in {len(self.shards)} shards"]
+        if self.shards:
+            lines.append(f"  shards: {_brace_pattern(self.shards)}")
+        if self.skipped:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
+            lines.append(f"skipped {sum(self.skipped.values())} ({reasons})")
+        else:
+            lines.append("skipped 0")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    image_path: Path
+    caption: str | None
+
+
+def _brace_pattern(shards: Sequence[str]) -> str:
+    """The spec to paste into `data.train_shards`, e.g. `out/shards-{000000..000003}.tar`."""
+    if len(shards) == 1:
+        return shards[0]
+    first, last = Path(shards[0]), Path(shards[-1])
+    start, end = first.stem.rsplit("-", 1)[1], last.stem.rsplit("-", 1)[1]
+    return str(first.parent / f"{SHARD_PREFIX}-{{{start}..{end}}}.tar")
+
+
+def _read_caption(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return path.read_text(encoding="utf-8").strip() or None
+
+
+def _pairs_from_folder(src: Path) -> Iterator[_Pair]:
+    images = sorted(p for p in src.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    for image in images:
+        yield _Pair(image, _read_caption(image.with_suffix(".txt")))
+
+
+def _rows_from_csv(src: Path) -> Iterator[dict[str, str]]:
+    with src.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
+            raise ValueError(
+                f"{src}: needs a header row with columns path,caption; found {reader.fieldnames}"
+            )
+        yield from reader
+
+
+def _rows_from_jsonl(src: Path) -> Iterator[dict[str, str]]:
+    with src.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{src}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict) or "path" not in row:
+                raise ValueError(f'{src}:{number}: expected an object with "path" and "caption"')
+            yield row
+
+
+def _pairs_from_table(src: Path) -> Iterator[_Pair]:
+    rows = _rows_from_csv(src) if src.suffix.lower() == ".csv" else _rows_from_jsonl(src)
+    for row in rows:
+        caption = row.get("caption")
+        caption = caption.strip() if isinstance(caption, str) else None
+        yield _Pair(src.parent / (row.get("path") or ""), caption or None)
+
+
+def iter_pairs(src: str | Path) -> Iterator[_Pair]:
+    """Image paths and captions (None when missing) from a folder, CSV or JSONL file.
+
+    Fails before yielding anything when `src` is missing, of an unknown type, or lists no images.
+    """
+    src = Path(src)
+    if src.is_dir():
+        pairs = _pairs_from_folder(src)
+        empty = f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {src}"
+    elif not src.exists():
+        raise FileNotFoundError(f"source {src} does not exist")
+    elif src.suffix.lower() in (".csv", ".jsonl"):
+        pairs = _pairs_from_table(src)
+        empty = f"{src} lists no images"
+    else:
+        raise ValueError(
+            f"source {src}: unknown type {src.suffix!r}; give a folder of images, a .csv or a .jsonl file"
+        )
+    first = next(pairs, None)
+    if first is None:
+        raise ValueError(empty)
+    return itertools.chain([first], pairs)
+
+
+def _check_image(pair: _Pair, min_size: int) -> tuple[bytes | None, str | None]:
+    """Returns (image bytes, None) or (None, skip reason)."""
+    extension = pair.image_path.suffix.lower().lstrip(".")
+    if extension not in IMAGE_EXTENSIONS:
+        return None, "unsupported image type"
+    if not pair.image_path.is_file():
+        return None, "missing image"
+    data = pair.image_path.read_bytes()
+    try:
+        with Image.open(BytesIO(data)) as image:
+            image.load()  # a full decode is the only reliable test for truncated files
+            size = image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None, "unreadable image"
+    if min(size) < min_size:
+        return None, "too small"
+    return data, None
+
+
+def make_shards(
+    src: str | Path,
+    out_dir: str | Path,
+    samples_per_shard: int = 1000,
+    caption_key: str = "txt",
+    min_size: int = 0,
+    overwrite: bool = False,
+) -> ShardSummary:
+    """Write the usable pairs of `src` into `out_dir/shards-NNNNNN.tar`; see the module docstring."""
+    if samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if not re.fullmatch(r"[a-z0-9_]+", caption_key):
+        raise ValueError(f"caption_key must be a plain extension like 'txt', got {caption_key!r}")
+    out_dir = Path(out_dir)
+    pairs = iter_pairs(src)
+    existing = sorted(out_dir.glob(f"{SHARD_PREFIX}-*.tar"))
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds {len(existing)} shards; pass --overwrite to replace them"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in existing:
+        old.unlink()
+    summary = ShardSummary()
+    with ShardSink(out_dir, SHARD_PREFIX, samples_per_shard) as sink:
+        for pair in pairs:
+            if pair.caption is None:
+                summary.skipped["no caption"] += 1
+                continue
+            data, reason = _check_image(pair, min_size)
+            if reason is not None:
+                summary.skipped[reason] += 1
+                continue
+            extension = pair.image_path.suffix.lower().lstrip(".")
+            sink.write(
+                {"__key__": f"{summary.written:09d}", extension: data, caption_key: pair.caption.encode()}
+            )
+            summary.written += 1
+    summary.shards = sink.shards
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ldm-shards", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="folder of images with .txt captions, or a .csv/.jsonl of path,caption")
+    parser.add_argument("out", help="output folder for shards-NNNNNN.tar")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--caption-key", default="txt", help="extension the caption is stored under")
+    parser.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    args = parser.parse_args(argv)
+    try:
+        summary = make_shards(
+            args.src, args.out, args.samples_per_shard, args.caption_key, args.min_size, args.overwrite
+        )
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    print(summary.report())
+    if summary.written == 0:
+        print("ldm-shards: error: no usable samples; nothing written", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Stream image-caption pairs from WebDataset tar shards as `{"image", "caption"}` batches.
+
+    dm = WebDataModule("data/shards-{000000..000099}.tar", batch_size=32, num_workers=8, resolution=512)
+
+Batches: `image` float32 Bx3xHxW in [-1, 1], `caption` list[str], `key` list[str] (sample keys),
+`skipped` dict reason -> count of samples dropped since the previous batch of the same worker.
+
+Shard specs: a brace pattern, a glob, a local path or folder of `.tar` files, a URL webdataset
+can open (`https://...`, `pipe:curl -s ...`), or a list of these. Local files are checked at
+`setup()`, so a typo fails before training starts.
+
+Several GPUs/nodes: shards are shuffled with one seed shared by all ranks, then dealt out by
+rank and by DataLoader worker, so ranks read disjoint shards. Ranks that get different numbers
+of samples would otherwise finish at different steps and hang DDP, so for multi-GPU runs set
+`epoch_length` (batches per rank per epoch; the stream is repeated to fill it), and preferably
+`resampled=True`, where every rank draws shards at random with replacement, an endless stream
+cut into epochs of `epoch_length`. Validation shards are read whole by every rank (no rank
+waits on another, results are identical), which suits the small validation sets of diffusion.
+
+Bad samples (undecodable or truncated image, no image, no caption, image smaller than
+`min_size`, unreadable shard) are skipped, never fatal: a warning is logged at most once every
+`WARN_INTERVAL_S` seconds per process, each batch carries `skipped`, and the loader adds them up
+in `WebDataModule.skipped_samples` in the main process, exact with or without workers.
+
+Resume: a stream has no position to save. Each pass over the data is shuffled with a seed drawn
+from (`seed`, epoch, global step) of the trainer, so a run resumed at an epoch boundary sees
+the same order as an uninterrupted one, and one resumed mid-epoch restarts the stream with a new
+order (samples seen just before the stop may come again). `state_dict` keeps the skip counts.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import braceexpand
+import lightning
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ldm.data.transforms import resize_and_crop, to_tensor
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+WARN_INTERVAL_S = 60.0
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
+
+
+def expand_shard_specs(specs: str | Sequence[str]) -> list[str]:
+    """Shard URLs from brace patterns, globs, paths, folders and URLs; local files must exist."""
+    spec_list = [specs] if isinstance(specs, str) else list(specs)
+    urls: list[str] = []
+    missing: list[str] = []
+    for spec in spec_list:
+        for url in braceexpand.braceexpand(str(spec)):
+            found, absent = _resolve_one(url)
+            urls += found
+            missing += absent
+    hint = "fix the data's shard setting, or write shards with `ldm-shards SRC OUT`"
+    if missing:
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"shard spec {specs!r}: {len(missing)} shard(s) not found: {listed}; {hint}")
+    if not urls:
+        raise FileNotFoundError(f"shard spec {specs!r} matches no shards; {hint}")
+    return urls
+
+
+def _resolve_one(url: str) -> tuple[list[str], list[str]]:
+    """(found urls, missing paths) for one brace-expanded spec."""
+    if url.startswith(_REMOTE_PREFIXES):
+        return [url], []
+    path = url.removeprefix("file:")
+    if any(c in path for c in "*?["):
+        return sorted(glob.glob(path)), []
+    if os.path.isdir(path):
+        return sorted(glob.glob(os.path.join(path, "*.tar"))), []
+    return ([path], []) if os.path.isfile(path) else ([], [path])
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers; unlike hash(), stable across processes and runs."""
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def caption_from(sample: dict[str, Any], caption_key: str) -> str | None:
+    """The caption under `caption_key`: an extension ("txt") or a dotted JSON path ("json.caption")."""
+    extension, _, json_path = caption_key.partition(".")
+    raw = sample.get(extension)
+    if raw is None:
+        return None
+    if not json_path:
+        value: Any = raw.decode("utf-8", errors="replace")
+    else:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        for part in json_path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+    return (value.strip() or None) if isinstance(value, str) else None
+
+
+class _RateLimitedWarning:
+    """Logs at most one warning per interval and says how many it held back."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last = -math.inf
+        self._held_back = 0
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._held_back += 1
+            return
+        if self._held_back:
+            message += f" ({self._held_back} similar warnings held back)"
+        logger.warning(message)
+        self._last, self._held_back = now, 0
+
+
+_warn = _RateLimitedWarning(WARN_INTERVAL_S)
+
+
+class _ShardErrorHandler:
+    """webdataset's exception handler for shards that cannot be opened or read: count and go on."""
+
+    def __init__(self, skipped: Counter[str]) -> None:
+        self.skipped = skipped
+
+    def __call__(self, exc: Exception) -> bool:
+        self.skipped["unreadable shard"] += 1
+        _warn(f"skipping (the rest of) a shard: {exc!r}")
+        return True
+
+
+class _SkipSample(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class _StreamSpec:
+    urls: list[str]
+    batch_size: int
+    resolution: int
+    random_crop: bool
+    random_flip: bool
+    caption_key: str
+    min_size: int
+    shuffle_buffer: int
+    resampled: bool
+    rank: int  # this process's share of the shards: rank::world_size
+    world_size: int
+
+
+class _ShardStream(IterableDataset):
+    """One pass over the shards, as batches; runs in each DataLoader worker.
+
+    After its last batch a worker yields `{"skipped": ...}` alone, so skips after that batch
+    still reach the main process (the loader absorbs it).
+    """
+
+    def __init__(self, spec: _StreamSpec, seed: int) -> None:
+        super().__init__()
+        self.spec, self.seed = spec, seed
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skipped: Counter[str] = Counter()
+        rng = random.Random(_mix_seed(self.seed, self.spec.rank, worker))
+        raw = wds.tarfile_samples(self._shards(worker, num_workers, rng), handler=_ShardErrorHandler(skipped))
+        if self.spec.shuffle_buffer > 1:
+            # shuffle encoded samples: a buffer of decoded float images would take GBs per worker
+            raw = wds.shuffle(self.spec.shuffle_buffer, initial=min(100, self.spec.shuffle_buffer), rng=rng)(
+                raw
+            )
+        samples = self._decoded(raw, skipped, rng)
+        batch: list[dict[str, Any]] = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == self.spec.batch_size:
+                yield _collate(batch, skipped)
+                batch = []
+        if batch:
+            yield _collate(batch, skipped)
+        if skipped:
+            yield {"skipped": dict(skipped)}
+
+    def _shards(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict[str, str]]:
+        urls = self.spec.urls
+        if self.spec.resampled:
+            # rng is seeded per rank and worker: each draws its own endless sequence of shards
+            return (dict(url=rng.choice(urls)) for _ in itertools.count())
+        if self.spec.shuffle_buffer > 1:
+            # the same seed on every rank, so the split below stays disjoint
+            urls = random.Random(self.seed).sample(urls, len(urls))
+        mine = urls[self.spec.rank :: self.spec.world_size][worker::num_workers]
+        return (dict(url=u) for u in mine)
+
+    def _decoded(
+        self, raw_samples: Iterator[dict[str, Any]], skipped: Counter[str], rng: random.Random
+    ) -> Iterator[dict[str, Any]]:
+        for raw in raw_samples:
+            try:
+                yield self._decode(raw, rng)
+            except _SkipSample as skip:
+                skipped[skip.reason] += 1
+                _warn(
+                    f"skipping sample {raw.get('__key__')} in {raw.get('__url__')}: {skip.reason} {skip.detail}"
+                )
+
+    def _decode(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        caption = caption_from(raw, self.spec.caption_key)
+        if caption is None:
+            raise _SkipSample("no caption", f"(no {self.spec.caption_key!r}; keys {sorted(raw)})")
+        data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
+        if data is None:
+            raise _SkipSample("no image", f"(keys {sorted(raw)})")
+        try:
+            with Image.open(BytesIO(data)) as image:
+                if min(image.size) < self.spec.min_size:
+                    raise _SkipSample(
+                        "too small", f"({image.size[0]}x{image.size[1]} < {self.spec.min_size})"
+                    )
+                rgb = image.convert("RGB")  # decodes fully: truncated files fail here
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise _SkipSample("unreadable image", f"({exc})") from exc
+        spec = self.spec
+        rgb = resize_and_crop(rgb, spec.resolution, spec.random_crop, spec.random_flip, rng)
+        return {"image": to_tensor(rgb), "caption": caption, "key": raw["__key__"]}
+
+
+def _collate(samples: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, Any]:
+    batch = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "skipped": dict(skipped),
+    }
+    skipped.clear()
+    return batch
+
+
+class ShardLoader:
+    """Iterable of batches over a shard stream; Lightning takes any iterable as a dataloader.
+
+    Each `iter()` is one epoch: a fresh DataLoader over a freshly seeded stream. With
+    `epoch_length` the stream is repeated (new seed each pass) and cut at exactly that many batches.
+    """
+
+    def __init__(
+        self,
+        spec: _StreamSpec,
+        num_workers: int,
+        seed: int,
+        epoch_length: int | None = None,
+        clock: Callable[[], tuple[int, int] | None] = lambda: None,
+        skipped: Counter[str] | None = None,
+    ) -> None:
+        self.spec, self.num_workers, self.seed = spec, num_workers, seed
+        self.epoch_length = epoch_length
+        self.clock = clock
+        self.skipped: Counter[str] = Counter() if skipped is None else skipped
+        self._iterations = 0
+
+    def __len__(self) -> int:
+        if self.epoch_length is None:
+            raise TypeError("a shard stream without epoch_length has no length")
+        return self.epoch_length
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, step = self.clock() or (self._iterations, 0)
+        self._iterations += 1
+        passes = self._passes(epoch, step)
+        try:
+            yield from passes if self.epoch_length is None else itertools.islice(passes, self.epoch_length)
+        finally:
+            passes.close()  # shuts the DataLoader's workers down now, not whenever garbage is collected
+
+    def _passes(self, epoch: int, step: int) -> Iterator[dict[str, Any]]:
+        for pass_index in itertools.count():
+            produced = 0
+            for batch in self._one_pass(_mix_seed(self.seed, epoch, step, pass_index)):
+                produced += 1
+                yield batch
+            if produced == 0:
+                raise RuntimeError(
+                    f"no usable samples in {len(self.spec.urls)} shard(s) ({self.spec.urls[0]}, ...); "
+                    f"skipped so far: {dict(self.skipped) or 'none'}. Check caption_key={self.spec.caption_key!r}"
+                    f" and min_size={self.spec.min_size}, and that this rank has shards."
+                )
+            if self.epoch_length is None:
+                return
+
+    def _one_pass(self, seed: int) -> Iterator[dict[str, Any]]:
+        loader = DataLoader(
+            _ShardStream(self.spec, seed),
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for item in loader:
+            self.skipped.update(item["skipped"])
+            if "image" in item:
+                yield item
+
+
+class WebDataModule(lightning.LightningDataModule):
+    """Training (and optional validation) batches from WebDataset shards; see the module docstring."""
+
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        resolution: int = 256,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        caption_key: str = "txt",
+        min_size: int = 0,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        epoch_length: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if resolution <= 0 or resolution % 8:
+            raise ValueError(
+                f"resolution must be a positive multiple of 8 (the VAE downsamples 8x), got {resolution}"
+            )
+        if batch_size < 1 or num_workers < 0 or min_size < 0:
+            raise ValueError(
+                f"need batch_size >= 1, num_workers >= 0, min_size >= 0; got {batch_size}, "
+                f"{num_workers}, {min_size}"
+            )
+        if epoch_length is not None and epoch_length < 1:
+            raise ValueError(f"epoch_length must be a positive number of batches, got {epoch_length}")
+        if resampled and epoch_length is None:
+            raise ValueError("resampled=True streams forever: set epoch_length (batches per epoch per rank)")
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size, self.num_workers, self.resolution = batch_size, num_workers, resolution
+        self.random_crop, self.random_flip = random_crop, random_flip
+        self.caption_key, self.min_size, self.shuffle_buffer = caption_key, min_size, shuffle_buffer
+        self.resampled, self.epoch_length, self.seed = resampled, epoch_length, seed
+        self.skipped_samples: Counter[str] = Counter()
+        self._train_urls: list[str] | None = None
+        self._val_urls: list[str] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        self._train_urls = expand_shard_specs(self.train_shards)
+        self._val_urls = expand_shard_specs(self.val_shards) if self.val_shards is not None else None
+        _, world_size = self._rank_and_world_size()
+        if not self.resampled and len(self._train_urls) < world_size:
+            raise ValueError(
+                f"{len(self._train_urls)} training shard(s) for {world_size} ranks: each rank needs at least one. "
+                "Write more, smaller shards (ldm-shards --samples-per-shard) or set resampled=true and epoch_length."
+            )
+        if world_size > 1 and self.epoch_length is None:
+            logger.warning(
+                "training on %d ranks without epoch_length: ranks whose shards hold fewer samples finish "
+                "the epoch first and DDP may hang; set epoch_length (and resampled=true)",
+                world_size,
+            )
+
+    def _spec(self, urls: list[str] | None, train: bool) -> _StreamSpec:
+        if urls is None:
+            raise RuntimeError("call setup() before asking for dataloaders")
+        rank, world_size = self._rank_and_world_size()
+        return _StreamSpec(
+            urls=urls,
+            batch_size=self.batch_size,
+            resolution=self.resolution,
+            random_crop=self.random_crop and train,
+            random_flip=self.random_flip and train,
+            caption_key=self.caption_key,
+            min_size=self.min_size,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            resampled=self.resampled and train,
+            rank=rank if train else 0,
+            world_size=world_size if train else 1,
+        )
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        # Asked in the main process: DataLoader workers started by spawn know nothing of DDP.
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+        return rank, world_size
+
+    def _trainer_clock(self) -> tuple[int, int] | None:
+        if self.trainer is None:
+            return None
+        return self.trainer.current_epoch, self.trainer.global_step
+
+    def train_dataloader(self) -> ShardLoader:
+        return ShardLoader(
+            self._spec(self._train_urls, train=True),
+            self.num_workers,
+            self.seed,
+            self.epoch_length,
+            clock=self._trainer_clock,
+            skipped=self.skipped_samples,
+        )
+
+    def val_dataloader(self) -> ShardLoader | list:
+        if self.val_shards is None:
+            return []
+        return ShardLoader(
+            self._spec(self._val_urls, train=False), self.num_workers, self.seed, skipped=self.skipped_samples
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_samples": dict(self.skipped_samples)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_samples.clear()
+        self.skipped_samples.update(state_dict.get("skipped_samples", {}))
