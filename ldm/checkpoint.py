@@ -1,0 +1,498 @@
+"""Load and save Stable Diffusion weights in every format we take, reading the architecture off the files.
+
+Formats:
+- LDM single file (`.safetensors`, or `.ckpt` read with `torch.load(weights_only=True)`): the original
+  SD 1.x/2.x layout (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`,
+  optional `model_ema.*`). Our own training checkpoints are LDM files too (a Lightning `.ckpt` whose
+  `state_dict` has these names), and carry the model config under `ldm_config`.
+- diffusers folder: `unet/ vae/ text_encoder/ tokenizer/ scheduler/` with their `config.json` files.
+
+Everything goes through one neutral form, a `Checkpoint`: the model config (see
+`ldm.models.stable_diffusion`) plus a state dict under LDM names. Converting between formats never
+builds a module, so tensors pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ldm.formats.text import (
+    text_config_from_diffusers,
+    text_config_from_state_dict,
+    text_config_to_diffusers,
+    text_from_diffusers,
+    text_to_diffusers,
+)
+from ldm.formats.unet import (
+    unet_config_from_diffusers,
+    unet_config_from_state_dict,
+    unet_config_to_diffusers,
+    unet_from_diffusers,
+    unet_to_diffusers,
+)
+from ldm.formats.vae import (
+    vae_config_from_diffusers,
+    vae_config_from_state_dict,
+    vae_config_to_diffusers,
+    vae_from_diffusers,
+    vae_to_diffusers,
+)
+from ldm.models.stable_diffusion import DEFAULT_SCHEDULE, StableDiffusion, normalize_config
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+EMA_PREFIX = "model_ema."
+
+# Derived buffers that original LDM files carry: recomputed from the config, so dropped on load.
+SCHEDULE_BUFFERS = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+        "lvlb_weights",
+    }
+)
+POSITION_IDS = TEXT_PREFIX + "transformer.text_model.embeddings.position_ids"
+EMA_BOOKKEEPING = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
+
+DIFFUSERS_WEIGHT_NAMES = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message says what was found and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A model config and its weights under LDM names (`model_ema.*` included when present)."""
+
+    config: dict[str, Any]
+    state_dict: dict[str, Tensor]
+    tokenizer_dir: str | None = None
+    source: str = ""
+    dropped: list[str] = field(default_factory=list)
+
+    def has_ema(self) -> bool:
+        return any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in self.state_dict)
+
+    def with_ema_weights(self) -> Checkpoint:
+        """The UNet weights replaced by the EMA weights (LDM stores them with the dots removed)."""
+        if not self.has_ema():
+            raise CheckpointError(f"{self.source}: asked for EMA weights, but the checkpoint holds no model_ema.*")
+        sd = {k: v for k, v in self.state_dict.items() if not k.startswith(EMA_PREFIX)}
+        for key in [k for k in sd if k.startswith(UNET_PREFIX)]:
+            ema_key = EMA_PREFIX + key[len("model.") :].replace(".", "")
+            if ema_key not in self.state_dict:
+                raise CheckpointError(f"{self.source}: EMA weights lack {ema_key} (for {key})")
+            sd[key] = self.state_dict[ema_key]
+        return Checkpoint(self.config, sd, self.tokenizer_dir, self.source, self.dropped)
+
+    def without_ema(self) -> Checkpoint:
+        sd = {k: v for k, v in self.state_dict.items() if not k.startswith(EMA_PREFIX)}
+        return Checkpoint(self.config, sd, self.tokenizer_dir, self.source, self.dropped)
+
+    def build_model(self) -> StableDiffusion:
+        """A StableDiffusion module with these weights, loaded strictly."""
+        ckpt = self.without_ema()
+        with parameters_on_meta():
+            model = StableDiffusion.from_config(ckpt.config, tokenizer_dir=ckpt.tokenizer_dir)
+        missing, unexpected = _diff_keys(model.state_dict().keys(), ckpt.state_dict.keys())
+        if missing or unexpected:
+            raise CheckpointError(_key_report(ckpt.source, missing, unexpected))
+        model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
+        return model
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device, so no time goes into random
+    initialisation that loading overwrites. Buffers stay real: non-persistent ones (position ids,
+    attention masks, the noise schedule) are not in checkpoints and must be computed as usual."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def ema_key_for(unet_key: str) -> str:
+    return EMA_PREFIX + unet_key[len("model.") :].replace(".", "")
+
+
+def _diff_keys(expected: Iterable[str], found: Iterable[str]) -> tuple[list[str], list[str]]:
+    expected, found = set(expected), set(found)
+    return sorted(expected - found), sorted(found - expected)
+
+
+def _key_report(source: str, missing: list[str], unexpected: list[str], limit: int = 20) -> str:
+    lines = [f"{source}: the weights do not fit the architecture read from the checkpoint."]
+    for name, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+            lines.append(f"  {len(keys)} {name} keys: {shown}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_tensor_file(path: str | Path, allow_unsafe_pickle: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors (or a pickled dict) and the safetensors metadata of one file.
+
+    `.ckpt`/`.pt`/`.bin` files are unpickled with `weights_only=True`, which refuses anything but
+    tensors and plain containers: a pickle can run arbitrary code. `allow_unsafe_pickle` lifts that
+    for a file the user trusts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (give a .safetensors/.ckpt file or a diffusers folder)")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=not allow_unsafe_pickle, mmap=False)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refused to unpickle {path}: it holds objects other than tensors, and unpickling them could run "
+            f"arbitrary code ({str(err).splitlines()[0]}). If you trust this file, load it with "
+            "allow_unsafe_pickle=true (ldm-convert: --allow-unsafe-pickle), and better convert it once to "
+            ".safetensors."
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj, {}
+
+
+def _state_dict_of(obj: dict[str, Any]) -> dict[str, Tensor]:
+    sd = obj.get("state_dict", obj)
+    return {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+
+
+def _strip(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def read_ldm_file(
+    path: str | Path, prediction_type: str | None = None, allow_unsafe_pickle: bool = False
+) -> Checkpoint:
+    """An LDM single file or one of our own checkpoints, with the architecture read off the tensors."""
+    obj, metadata = read_tensor_file(path, allow_unsafe_pickle)
+    sd = _state_dict_of(obj)
+    config = obj.get("ldm_config") if isinstance(obj.get("ldm_config"), dict) else None
+    if config is None and "ldm_config" in metadata:
+        config = json.loads(metadata["ldm_config"])
+    if not any(k.startswith(UNET_PREFIX) for k in sd):
+        prefixes = sorted({k.split(".")[0] for k in sd})[:10]
+        raise CheckpointError(
+            f"{path}: not a Stable Diffusion checkpoint of LDM layout: no '{UNET_PREFIX}*' keys "
+            f"(top-level names found: {prefixes}). Expected an SD 1.x/2.x single file, a checkpoint of this "
+            "project, or a diffusers folder."
+        )
+    dropped = sorted(k for k in sd if k in SCHEDULE_BUFFERS or k == POSITION_IDS)
+    for key in dropped:
+        del sd[key]
+    if config is None:
+        config = infer_config_from_ldm(sd, str(path))
+    config = dict(config)
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
+    known = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, EMA_PREFIX)
+    unknown = sorted(k for k in sd if not k.startswith(known))
+    if unknown:
+        raise CheckpointError(_key_report(str(path), [], unknown))
+    return Checkpoint(normalize_config(config), sd, None, str(path), dropped)
+
+
+def infer_config_from_ldm(sd: dict[str, Tensor], source: str = "checkpoint") -> dict[str, Any]:
+    """The model config read from the tensor shapes of an LDM-named state dict."""
+    text = _strip(sd, TEXT_PREFIX)
+    if not text:
+        raise CheckpointError(f"{source}: no text encoder weights ('{TEXT_PREFIX}*'); cannot sample from it")
+    try:
+        kind, text_cfg = text_config_from_state_dict(text)
+        return {
+            "unet": unet_config_from_state_dict(_strip(sd, UNET_PREFIX)),
+            "first_stage": vae_config_from_state_dict(_strip(sd, VAE_PREFIX)),
+            "cond_stage": {"kind": kind, **text_cfg},
+        }
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{source}: unknown layout, cannot read the architecture: {err}") from None
+
+
+def _read_component(folder: Path, component: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    sub = folder / component
+    config_path = sub / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: diffusers folder lacks {component}/config.json")
+    config = json.loads(config_path.read_text())
+    stem = DIFFUSERS_WEIGHT_NAMES[component]
+    candidates = [f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"]
+    candidates += ["pytorch_model.bin"] if component == "text_encoder" else []
+    for name in candidates:
+        if (sub / name).is_file():
+            return config, _state_dict_of(read_tensor_file(sub / name)[0])
+    for index in sorted(sub.glob("*.index.json")):
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, Tensor] = {}
+        for shard in shards:
+            sd.update(_state_dict_of(read_tensor_file(sub / shard)[0]))
+        return config, sd
+    raise CheckpointError(f"{folder}: no weights in {component}/ (looked for {', '.join(candidates)})")
+
+
+def read_diffusers_folder(path: str | Path, prediction_type: str | None = None) -> Checkpoint:
+    folder = Path(path)
+    unet_dcfg, unet_sd = _read_component(folder, "unet")
+    vae_dcfg, vae_sd = _read_component(folder, "vae")
+    text_dcfg, text_sd = _read_component(folder, "text_encoder")
+    unet_cfg = unet_config_from_diffusers(unet_dcfg)
+    vae_cfg, scale_factor = vae_config_from_diffusers(vae_dcfg)
+    kind, text_cfg = text_config_from_diffusers(text_dcfg)
+    config: dict[str, Any] = {
+        "image_size": unet_dcfg.get("sample_size", 64) * 2 ** (len(vae_cfg["ddconfig"]["ch_mult"]) - 1),
+        "unet": unet_cfg,
+        "first_stage": vae_cfg,
+        "cond_stage": {"kind": kind, **text_cfg},
+        "scale_factor": scale_factor,
+    }
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    if sched_path.is_file():
+        sched = json.loads(sched_path.read_text())
+        config["prediction_type"] = sched.get("prediction_type", "epsilon")
+        config["schedule"] = {
+            "beta_schedule": sched.get("beta_schedule", DEFAULT_SCHEDULE["beta_schedule"]),
+            "linear_start": sched.get("beta_start", DEFAULT_SCHEDULE["linear_start"]),
+            "linear_end": sched.get("beta_end", DEFAULT_SCHEDULE["linear_end"]),
+            "num_train_timesteps": sched.get("num_train_timesteps", DEFAULT_SCHEDULE["num_train_timesteps"]),
+            "timestep_spacing": sched.get("timestep_spacing", "leading"),
+            "steps_offset": sched.get("steps_offset", 1),
+        }
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
+    sd: dict[str, Tensor] = {}
+    try:
+        for prefix, part in (
+            (UNET_PREFIX, unet_from_diffusers(unet_sd, unet_cfg)),
+            (VAE_PREFIX, vae_from_diffusers(vae_sd, vae_cfg)),
+            (TEXT_PREFIX, text_from_diffusers(text_sd, kind)),
+        ):
+            sd.update({prefix + k: v for k, v in part.items()})
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{folder}: weights do not match their config.json: {err}") from None
+    tokenizer = folder / "tokenizer"
+    return Checkpoint(
+        normalize_config(config), sd, str(tokenizer) if tokenizer.is_dir() else None, str(folder)
+    )
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "unet" / "config.json").is_file()
+
+
+def read_checkpoint(
+    path: str | Path, prediction_type: str | None = None, allow_unsafe_pickle: bool = False
+) -> Checkpoint:
+    """Any supported checkpoint: an LDM/our single file or a diffusers folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise CheckpointError(
+                f"{path} is a folder but not a diffusers pipeline folder (no unet/config.json); "
+                "give a diffusers folder or a .safetensors/.ckpt file"
+            )
+        return read_diffusers_folder(path, prediction_type)
+    return read_ldm_file(path, prediction_type, allow_unsafe_pickle)
+
+
+def load_model(
+    path: str | Path,
+    prediction_type: str | None = None,
+    ema: bool = False,
+    allow_unsafe_pickle: bool = False,
+) -> StableDiffusion:
+    """A ready StableDiffusion module from any supported checkpoint, in eval mode."""
+    ckpt = read_checkpoint(path, prediction_type, allow_unsafe_pickle)
+    if ema:
+        ckpt = ckpt.with_ema_weights()
+    return ckpt.build_model().eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing files
+
+
+def _cast(sd: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    if dtype is None:
+        return {k: v.contiguous() for k, v in sd.items()}
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def _save_safetensors(sd: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    # safetensors refuses tensors that share storage; give each its own copy where needed.
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    save_file(out, str(path), metadata=metadata)
+
+
+def _atomic_file(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_ldm_file(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """An LDM single file: `.safetensors` (config in its metadata) or `.ckpt` ({"state_dict", "ldm_config"})."""
+    path = Path(path)
+    sd = _cast(ckpt.state_dict, dtype)
+    config_json = json.dumps(ckpt.config)
+    if path.suffix == ".safetensors":
+        _atomic_file(path, lambda tmp: _save_safetensors(sd, tmp, {"format": "pt", "ldm_config": config_json}))
+    elif path.suffix in (".ckpt", ".pt"):
+        _atomic_file(path, lambda tmp: torch.save({"state_dict": sd, "ldm_config": ckpt.config}, tmp))
+    else:
+        raise CheckpointError(f"{path}: unknown output type; use .safetensors or .ckpt, or a folder for diffusers")
+
+
+def _scheduler_config(config: dict[str, Any]) -> dict[str, Any]:
+    sched = config["schedule"]
+    return {
+        "_class_name": "PNDMScheduler",
+        "beta_schedule": sched["beta_schedule"],
+        "beta_start": sched["linear_start"],
+        "beta_end": sched["linear_end"],
+        "num_train_timesteps": sched["num_train_timesteps"],
+        "prediction_type": config["prediction_type"],
+        "timestep_spacing": sched.get("timestep_spacing", "leading"),
+        "steps_offset": sched.get("steps_offset", 1),
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "clip_sample": False,
+        "trained_betas": None,
+    }
+
+
+def _model_index() -> dict[str, Any]:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+
+
+def _downsampling(cfg: dict[str, Any]) -> int:
+    return 2 ** (len(cfg["first_stage"]["ddconfig"]["ch_mult"]) - 1)
+
+
+def save_diffusers_folder(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """A diffusers StableDiffusionPipeline folder, written under a temporary name and renamed at the end."""
+    from ldm.models.encoders import write_clip_tokenizer
+
+    dst = Path(path)
+    if dst.exists():
+        raise CheckpointError(f"{dst} exists; remove it or choose another destination")
+    cfg = ckpt.config
+    kind = cfg["cond_stage"]["kind"]
+    text_cfg = {k: v for k, v in cfg["cond_stage"].items() if k != "kind"}
+    parts = {
+        "unet": (
+            unet_config_to_diffusers(cfg["unet"], sample_size=cfg["image_size"] // _downsampling(cfg)),
+            unet_to_diffusers(_strip(ckpt.state_dict, UNET_PREFIX), cfg["unet"]),
+        ),
+        "vae": (
+            vae_config_to_diffusers(cfg["first_stage"], scaling_factor=cfg["scale_factor"]),
+            vae_to_diffusers(_strip(ckpt.state_dict, VAE_PREFIX), cfg["first_stage"]),
+        ),
+        "text_encoder": (
+            text_config_to_diffusers(kind, text_cfg),
+            text_to_diffusers(_strip(ckpt.state_dict, TEXT_PREFIX), kind),
+        ),
+    }
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        for component, (dconfig, sd) in parts.items():
+            (tmp / component).mkdir()
+            (tmp / component / "config.json").write_text(json.dumps(dconfig, indent=2))
+            weights = tmp / component / f"{DIFFUSERS_WEIGHT_NAMES[component]}.safetensors"
+            _save_safetensors(_cast(sd, dtype), weights, {"format": "pt"})
+        if ckpt.tokenizer_dir:
+            shutil.copytree(ckpt.tokenizer_dir, tmp / "tokenizer")
+        else:
+            write_clip_tokenizer(str(tmp / "tokenizer"), pad_token="!" if kind == "openclip" else "<|endoftext|>")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(cfg), indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write in the format the destination names: a `.safetensors`/`.ckpt` file, or a folder (diffusers)."""
+    if Path(path).suffix in (".safetensors", ".ckpt", ".pt"):
+        save_ldm_file(ckpt, path, dtype)
+    else:
+        save_diffusers_folder(ckpt, path, dtype)
+
+
+def checkpoint_from_model(model: StableDiffusion, ema_state: dict[str, Tensor] | None = None) -> Checkpoint:
+    """The Checkpoint of a live model (optionally with `model_ema.*` tensors added)."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd.update(ema_state or {})
+    return Checkpoint(model.config, sd, getattr(model.cond_stage_model, "tokenizer_dir", None), "model")

@@ -1,0 +1,184 @@
+"""`python sample.py ckpt=PATH prompt="..."`: images from any checkpoint, with Hydra overrides.
+
+    python sample.py ckpt=sd15.safetensors prompt="a castle on a hill" sampler=dpmpp_2m steps=25 seed=42
+    python sample.py ckpt=sd21-768.safetensors prediction_type=v_prediction height=768 width=768 prompt="..."
+    python sample.py ckpt=out/diffusers prompt_file=prompts.txt num_images=4 \\
+        "negative_prompt='blurry, low quality'"
+
+Writes numbered PNGs (prompt and settings in their text metadata) and a grid per prompt to `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, ListConfig
+from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
+
+from ldm.checkpoint import CheckpointError, load_model
+from ldm.sampling import SamplerSettings, generate, initial_noise, to_uint8
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class UsageError(ValueError):
+    """A bad setting, reported as one line that names the fix."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise UsageError(f"prompt_file={path} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"prompt_file={path} holds no prompts (one per line)")
+        return prompts
+    if cfg.prompt is None:
+        raise UsageError('give prompt="..." or prompt_file=PATH')
+    return [_as_text(cfg.prompt)]
+
+
+def _as_text(value: Any) -> str:
+    # Hydra reads an unquoted `a, b` list override as a sequence: join it back into the text it was.
+    if isinstance(value, (list, ListConfig)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def png_metadata(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    for key, value in settings.items():
+        info.add_text(key, str(value))
+    info.add_text("parameters", json.dumps(settings))
+    return info
+
+
+def save_png(image: Image.Image, path: Path, info: PngImagePlugin.PngInfo | None = None) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def make_grid(images: list[Image.Image]) -> Image.Image:
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def next_index(out_dir: Path) -> int:
+    """Numbering continues after the PNGs already there, so a second run never overwrites the first."""
+    taken = [int(p.stem) for p in out_dir.glob("*.png") if p.stem.isdigit()]
+    return max(taken, default=-1) + 1
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    prompts = read_prompts(cfg)
+    negative = _as_text(cfg.negative_prompt)
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"dtype={cfg.dtype} is not one of {sorted(DTYPES)}")
+    if cfg.num_images < 1:
+        raise UsageError(f"num_images must be at least 1, got {cfg.num_images}")
+    batch_size = cfg.batch_size or cfg.num_images
+    settings = SamplerSettings(
+        sampler=cfg.sampler.name,
+        steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        eta=cfg.sampler.get("eta", 0.0),
+        karras=cfg.sampler.get("karras", False),
+        timestep_spacing=cfg.timestep_spacing,
+        steps_offset=cfg.steps_offset,
+    )
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.ckpt, cfg.prediction_type, cfg.ema, cfg.allow_unsafe_pickle)
+    model.to(device=device, dtype=DTYPES[cfg.dtype])
+    height = cfg.height or model.config["image_size"]
+    width = cfg.width or model.config["image_size"]
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = next_index(out_dir)
+    written: list[Path] = []
+    for prompt in prompts:
+        # One generator per prompt: the same prompt and seed give the same images wherever they stand.
+        generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        noise = initial_noise(
+            cfg.num_images, model.latent_channels, height, width, model.downsampling_factor, generator
+        )
+        images = []
+        for start in range(0, cfg.num_images, batch_size):
+            chunk = noise[start : start + batch_size]
+            bar = tqdm(total=settings.steps, desc=f"{prompt[:40]!r} {start + 1}/{cfg.num_images}", leave=False)
+            batch = generate(
+                model,
+                [prompt] * len(chunk),
+                negative,
+                settings,
+                height=height,
+                width=width,
+                generator=generator,
+                noise=chunk,
+                callback=lambda *_, bar=bar: bar.update(),
+            )
+            bar.close()
+            images.extend(Image.fromarray(a) for a in to_uint8(batch))
+        meta = {
+            "prompt": prompt,
+            "negative_prompt": negative,
+            "sampler": settings.sampler,
+            "steps": settings.steps,
+            "guidance_scale": settings.guidance_scale,
+            "seed": cfg.seed,
+            "height": height,
+            "width": width,
+            "checkpoint": str(cfg.ckpt),
+        }
+        for i, image in enumerate(images):
+            path = out_dir / f"{index:05d}.png"
+            save_png(image, path, png_metadata({**meta, "image_index": i}))
+            written.append(path)
+            index += 1
+        if cfg.grid and len(images) > 1:
+            grid_path = out_dir / f"grid-{index - len(images):05d}.png"
+            save_png(make_grid(images), grid_path, png_metadata(meta))
+            written.append(grid_path)
+    return written
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        written = run(cfg)
+    except (CheckpointError, UsageError, ValueError) as err:
+        raise SystemExit(f"sample.py: error: {err}") from None
+    log.info("wrote %d files to %s", len(written), cfg.out_dir)
+    print(f"wrote {len(written)} images to {cfg.out_dir}")
+

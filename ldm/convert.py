@@ -1,0 +1,73 @@
+"""Convert Stable Diffusion weights between an LDM single file and a diffusers folder.
+
+    python -m ldm.convert SRC DST [--ema] [--dtype fp16] [--prediction-type v_prediction]
+    ldm-convert model.safetensors out/diffusers-folder
+    ldm-convert out/diffusers-folder model.ckpt
+
+DST's form picks the output: a `.safetensors` or `.ckpt` file is an LDM single file, anything else a
+diffusers folder. The architecture is read from SRC; tensors pass through unchanged (bit-identical)
+unless `--dtype` casts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ldm-convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="LDM .safetensors/.ckpt file, a checkpoint of this project, or a diffusers folder")
+    parser.add_argument("dst", help=".safetensors/.ckpt file (LDM layout) or a folder (diffusers layout)")
+    parser.add_argument("--ema", action="store_true", help="write the EMA weights of the UNet (model_ema.*)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors")
+    parser.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        default=None,
+        help="what the UNet predicts; single files do not record it (SD 2.x-768 files are v_prediction)",
+    )
+    parser.add_argument("--allow-unsafe-pickle", action="store_true", help="unpickle a .ckpt you trust fully")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST file")
+    return parser.parse_args(argv)
+
+
+def convert(args: argparse.Namespace) -> str:
+    dst = Path(args.dst)
+    if dst.exists() and not (args.overwrite and dst.is_file()):
+        raise CheckpointError(f"{dst} exists; choose another destination (or --overwrite for a file)")
+    ckpt = read_checkpoint(args.src, args.prediction_type, args.allow_unsafe_pickle)
+    notes = []
+    if args.ema:
+        ckpt = ckpt.with_ema_weights()
+    elif ckpt.has_ema() and dst.suffix not in (".safetensors", ".ckpt", ".pt"):
+        ckpt = ckpt.without_ema()
+        notes.append("the source's EMA weights were left out (diffusers folders hold one UNet; --ema picks EMA)")
+    save_checkpoint(ckpt, dst, DTYPES.get(args.dtype) if args.dtype else None)
+    unet = ckpt.config["unet"]
+    summary = (
+        f"wrote {dst}: text encoder {ckpt.config['cond_stage']['kind']}, context_dim {unet.get('context_dim')}, "
+        f"in_channels {unet['in_channels']}, prediction_type {ckpt.config['prediction_type']}"
+    )
+    return "\n".join([summary, *notes])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        print(convert(args))
+    except CheckpointError as err:
+        print(f"ldm-convert: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

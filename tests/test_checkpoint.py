@@ -1,0 +1,188 @@
+"""Every checkpoint format in and out: architecture read from the files, tensors unchanged, bad files refused."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import model_config, randomize_
+from safetensors.torch import load_file, save_file
+
+from ldm.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_from_model,
+    ema_key_for,
+    read_checkpoint,
+    save_checkpoint,
+)
+from ldm.convert import main as convert_main
+from ldm.models.stable_diffusion import StableDiffusion
+
+
+def tiny_checkpoint(name: str = "tiny", seed: int = 0, ema: bool = False) -> Checkpoint:
+    model = randomize_(StableDiffusion.from_config(model_config(name)), seed=seed)
+    ckpt = checkpoint_from_model(model)
+    if ema:
+        gen = torch.Generator().manual_seed(seed + 1)
+        for key in [k for k in ckpt.state_dict if k.startswith("model.diffusion_model.")]:
+            ckpt.state_dict[ema_key_for(key)] = torch.randn(ckpt.state_dict[key].shape, generator=gen)
+        ckpt.state_dict["model_ema.decay"] = torch.tensor(0.9999)
+        ckpt.state_dict["model_ema.num_updates"] = torch.tensor(10, dtype=torch.int32)
+    return ckpt
+
+
+def strip_metadata(path: Path) -> None:
+    """Rewrite a .safetensors file as an original SD file would be: tensors only, no config."""
+    save_file(load_file(str(path)), str(path))
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_ldm_file_architecture_is_read_from_tensor_shapes(tmp_path, name):
+    ckpt = tiny_checkpoint(name)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(ckpt, path)
+    strip_metadata(path)
+    back = read_checkpoint(path)
+    assert back.config["unet"]["channel_mult"] == ckpt.config["unet"]["channel_mult"]
+    assert back.config["first_stage"]["ddconfig"]["ch_mult"] == ckpt.config["first_stage"]["ddconfig"]["ch_mult"]
+    assert back.config["cond_stage"]["kind"] == "clip"
+    model = back.build_model()
+    assert_same_tensors(dict(model.state_dict()), ckpt.state_dict)
+
+
+def test_ldm_to_diffusers_to_ldm_is_bit_identical(tmp_path):
+    ckpt = tiny_checkpoint()
+    src = tmp_path / "src.safetensors"
+    save_checkpoint(ckpt, src)
+    strip_metadata(src)
+    assert convert_main([str(src), str(tmp_path / "diffusers")]) == 0
+    assert convert_main([str(tmp_path / "diffusers"), str(tmp_path / "back.safetensors")]) == 0
+    assert_same_tensors(load_file(str(tmp_path / "back.safetensors")), load_file(str(src)))
+
+
+def test_ckpt_output_and_fp16(tmp_path):
+    ckpt = tiny_checkpoint()
+    save_checkpoint(ckpt, tmp_path / "model.ckpt", dtype=torch.float16)
+    back = read_checkpoint(tmp_path / "model.ckpt")
+    assert all(v.dtype == torch.float16 for v in back.state_dict.values() if v.is_floating_point())
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(back.state_dict[key], ckpt.state_dict[key].half())
+
+
+def test_diffusers_folder_loads_in_diffusers_and_its_single_file_converter(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    ckpt = tiny_checkpoint()
+    save_checkpoint(ckpt, tmp_path / "pipe")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), safety_checker=None)
+    assert pipe.unet.config.cross_attention_dim == 64
+
+    assert convert_main([str(tmp_path / "pipe"), str(tmp_path / "single.safetensors")]) == 0
+    single = load_file(str(tmp_path / "single.safetensors"))
+    unet_sd = convert_ldm_unet_checkpoint(single, dict(pipe.unet.config))
+    missing, unexpected = pipe.unet.load_state_dict(unet_sd, strict=False)
+    assert not missing and not unexpected
+    vae_sd = convert_ldm_vae_checkpoint(single, dict(pipe.vae.config))
+    missing, unexpected = pipe.vae.load_state_dict(vae_sd, strict=False)
+    assert not missing and not unexpected
+
+
+def test_ema_weights_are_chosen_on_request(tmp_path):
+    ckpt = tiny_checkpoint(ema=True)
+    save_checkpoint(ckpt, tmp_path / "ema.safetensors")
+    assert convert_main([str(tmp_path / "ema.safetensors"), str(tmp_path / "out.safetensors"), "--ema"]) == 0
+    out = load_file(str(tmp_path / "out.safetensors"))
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(out[key], ckpt.state_dict[ema_key_for(key)])
+    assert not any(k.startswith("model_ema.") for k in out)
+    kept = read_checkpoint(tmp_path / "ema.safetensors")
+    assert kept.has_ema()
+
+
+def test_original_extras_are_dropped_by_name_and_unknown_keys_are_listed(tmp_path):
+    ckpt = tiny_checkpoint()
+    sd = dict(ckpt.state_dict)
+    sd["alphas_cumprod"] = torch.rand(1000)
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(sd, str(tmp_path / "orig.safetensors"))
+    back = read_checkpoint(tmp_path / "orig.safetensors")
+    assert "alphas_cumprod" in back.dropped
+    back.build_model()
+
+    sd["some_adapter.weight"] = torch.zeros(3)
+    save_file(sd, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(CheckpointError, match="some_adapter.weight"):
+        read_checkpoint(tmp_path / "odd.safetensors")
+
+
+def test_missing_weights_are_listed(tmp_path):
+    ckpt = tiny_checkpoint()
+    sd = {k: v for k, v in ckpt.state_dict.items() if "middle_block.1" not in k}
+    save_checkpoint(Checkpoint(ckpt.config, sd), tmp_path / "cut.safetensors")
+    with pytest.raises(CheckpointError, match="missing keys: model.diffusion_model.middle_block.1"):
+        read_checkpoint(tmp_path / "cut.safetensors").build_model()
+
+
+def test_not_a_stable_diffusion_file(tmp_path):
+    save_file({"encoder.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not a Stable Diffusion checkpoint"):
+        read_checkpoint(tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "absent.ckpt")
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "executed"))
+
+
+def test_malicious_ckpt_is_refused_and_not_executed(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad.ckpt"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": {"model.diffusion_model.x": _Payload(marker)}}, f)
+    with pytest.raises(CheckpointError, match="allow_unsafe_pickle"):
+        read_checkpoint(bad)
+    assert convert_main([str(bad), str(tmp_path / "out.safetensors")]) == 2
+    assert "refused to unpickle" in capsys.readouterr().err
+    assert not marker.exists()
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_prediction_type_override_and_scheduler_config(tmp_path):
+    ckpt = tiny_checkpoint()
+    save_checkpoint(ckpt, tmp_path / "m.safetensors")
+    assert read_checkpoint(tmp_path / "m.safetensors").config["prediction_type"] == "epsilon"
+    v = read_checkpoint(tmp_path / "m.safetensors", prediction_type="v_prediction")
+    save_checkpoint(v, tmp_path / "pipe")
+    sched = json.loads((tmp_path / "pipe" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"
+    assert read_checkpoint(tmp_path / "pipe").config["prediction_type"] == "v_prediction"
+    with pytest.raises(ValueError, match="prediction_type"):
+        read_checkpoint(tmp_path / "m.safetensors", prediction_type="x0")
+
+
+def test_convert_refuses_to_overwrite_a_folder(tmp_path):
+    ckpt = tiny_checkpoint()
+    save_checkpoint(ckpt, tmp_path / "m.safetensors")
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "keep.txt").write_text("mine")
+    assert convert_main([str(tmp_path / "m.safetensors"), str(tmp_path / "pipe")]) == 2
+    assert (tmp_path / "pipe" / "keep.txt").read_text() == "mine"

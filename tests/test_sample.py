@@ -1,0 +1,140 @@
+"""sample.py gives diffusers' StableDiffusionPipeline image for image (same weights, prompt, seed, settings)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import model_config, randomize_
+from hydra import compose, initialize_config_module
+from PIL import Image
+
+from ldm.checkpoint import checkpoint_from_model, save_checkpoint
+from ldm.cli.sample import run
+from ldm.models.stable_diffusion import StableDiffusion
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a red circle on a blue background, highly detailed"
+NEGATIVE = "blurry, low quality"
+
+
+def sample_config(overrides: list[str]):
+    with initialize_config_module(config_module="ldm.conf", version_base="1.3"):
+        return compose(config_name="sample", overrides=overrides)
+
+
+def write_pipeline(tmp_path: Path, name: str, seed: int = 0) -> Path:
+    model = randomize_(StableDiffusion.from_config(model_config(name)), std=0.08, seed=seed)
+    folder = tmp_path / f"{name}-diffusers"
+    save_checkpoint(checkpoint_from_model(model), folder)
+    return folder
+
+
+def diffusers_images(folder: Path, scheduler: str, steps: int, guidance: float, seed: int, size: int, n: int):
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        height=size,
+        width=size,
+        num_images_per_prompt=n,
+        output_type="np",
+    )
+    return (out.images * 255).round().astype("uint8")
+
+
+def our_images(folder: Path, out_dir: Path, sampler: str, steps: int, guidance: float, seed: int, size: int, n: int):
+    cfg = sample_config(
+        [
+            f"ckpt={folder}",
+            f"prompt='{PROMPT}'",
+            f"negative_prompt='{NEGATIVE}'",
+            f"sampler={sampler}",
+            f"steps={steps}",
+            f"guidance_scale={guidance}",
+            f"seed={seed}",
+            f"height={size}",
+            f"width={size}",
+            f"num_images={n}",
+            f"out_dir={out_dir}",
+            "device=cpu",
+        ]
+    )
+    paths = [p for p in run(cfg) if not p.name.startswith("grid")]
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "steps", "guidance", "seed"),
+    [
+        ("ddim", "DDIMScheduler", 12, 7.5, 0),
+        ("dpmpp_2m", "DPMSolverMultistepScheduler", 10, 5.0, 3),
+    ],
+)
+def test_sample_matches_diffusers_pipeline(tmp_path, sampler, scheduler, steps, guidance, seed):
+    folder = write_pipeline(tmp_path, "tiny", seed=seed)
+    ours = our_images(folder, tmp_path / "out", sampler, steps, guidance, seed, 32, 2)
+    theirs = diffusers_images(folder, scheduler, steps, guidance, seed, 32, 2)
+    assert ours.shape == theirs.shape == (2, 32, 32, 3)
+    assert ours.std() > 5, "random weights should give a non-flat image, or the comparison says nothing"
+    diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+
+
+@pytest.mark.slow
+def test_sd15_size_sample_matches_diffusers_pipeline(tmp_path):
+    folder = write_pipeline(tmp_path, "sd15", seed=1)
+    ours = our_images(folder, tmp_path / "out", "ddim", 4, 7.5, 1, 64, 1)
+    theirs = diffusers_images(folder, "DDIMScheduler", 4, 7.5, 1, 64, 1)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 2
+
+
+def test_pngs_carry_settings_and_runs_do_not_overwrite(tmp_path):
+    folder = write_pipeline(tmp_path, "tiny")
+    cfg = sample_config([f"ckpt={folder}", "prompt=a cat", "steps=2", "height=32", "width=32",
+                         "num_images=2", "batch_size=1", f"out_dir={tmp_path / 'o'}", "sampler=euler_a"])
+    first = run(cfg)
+    second = run(cfg)
+    names = sorted(p.name for p in first + second)
+    assert names == ["00000.png", "00001.png", "00002.png", "00003.png", "grid-00000.png", "grid-00002.png"]
+    info = Image.open(tmp_path / "o" / "00001.png").text
+    assert info["prompt"] == "a cat" and info["sampler"] == "euler_a" and info["seed"] == "0"
+    a = np.asarray(Image.open(tmp_path / "o" / "00000.png"))
+    b = np.asarray(Image.open(tmp_path / "o" / "00002.png"))
+    assert np.array_equal(a, b), "same seed, same prompt, same image"
+
+
+def test_prompt_file_and_unquoted_negative_prompt_error(tmp_path):
+    folder = write_pipeline(tmp_path, "tiny")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    cfg = sample_config([f"ckpt={folder}", f"prompt_file={prompts}", "steps=1", "height=32", "width=32",
+                         f"out_dir={tmp_path / 'o'}", "guidance_scale=1"])
+    assert [p.name for p in run(cfg)] == ["00000.png", "00001.png"]
+    assert Image.open(tmp_path / "o" / "00001.png").text["prompt"] == "a dog"
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), f"ckpt={folder}", "prompt=x", "negative_prompt=blurry, low quality"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    assert "quote" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_checkpoint_path_is_one_clear_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), f"ckpt={tmp_path / 'nope.safetensors'}", "prompt=x"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
