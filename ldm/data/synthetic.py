@@ -46,6 +46,17 @@ def make_caption(shape: str, colour: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
 
+def all_captions() -> list[str]:
+    """Every caption the demo data can hold (shape x colour x different background): the demo's test prompts."""
+    return [
+        make_caption(shape, colour, background)
+        for shape in SHAPES
+        for colour in PALETTE
+        for background in PALETTE
+        if colour != background
+    ]
+
+
 def parse_caption(caption: str) -> tuple[str, str, str]:
     """'a red circle on a blue background' -> ('circle', 'red', 'blue')."""
     match = _CAPTION.fullmatch(caption.strip().lower())

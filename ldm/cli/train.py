@@ -1,0 +1,114 @@
+"""`python train.py [overrides]`: train or fine-tune a latent diffusion model.
+
+    python train.py                                         # the demo: tiny model on synthetic shapes
+    python train.py experiment=sd15_finetune init_from=sd15.safetensors data.train_shards='s3/{000..099}.tar'
+    python train.py trainer=ddp trainer.devices=8           # one node, 8 GPUs
+    python train.py trainer=ddp trainer.devices=8 trainer.num_nodes=4 hydra/launcher=slurm --multirun
+    python train.py ckpt_path=last                          # resume the newest run of this run_name
+
+`train(cfg)` is a plain function (tests call it with a composed config); `main` is the Hydra wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; raised before any training starts."""
+
+
+def latest_checkpoint(run_name: str, root: str = "outputs") -> str:
+    """`${latest_ckpt:RUN}` in a config: the newest `last.ckpt` of an earlier run, e.g. a trained autoencoder."""
+    candidates = sorted(Path(root).glob(f"{run_name}/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ConfigError(
+            f"no checkpoint of run {run_name!r} under {root}/{run_name}/*/checkpoints/last.ckpt; "
+            f"train it first (python train.py experiment={run_name}) or give the path explicitly"
+        )
+    return str(candidates[-1])
+
+
+OmegaConf.register_new_resolver("latest_ckpt", latest_checkpoint, replace=True)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, runs_root: Path) -> str | None:
+    """`last` means the newest `checkpoints/last.ckpt` among this run_name's runs."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        candidates = sorted(runs_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise ConfigError(f"ckpt_path=last: no checkpoints/last.ckpt under {runs_root}/*; start without ckpt_path")
+        return str(candidates[-1])
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
+    return ckpt_path
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+
+
+def check_config(cfg: DictConfig) -> None:
+    model = cfg.model
+    factor = 2 ** (len(model.first_stage.ddconfig.ch_mult) - 1)
+    levels = len(model.unet.channel_mult)
+    # The latent must halve cleanly at every UNet level, or skip connections do not line up.
+    multiple = factor * 2 ** (levels - 1)
+    resolution = cfg.data.get("resolution")
+    if resolution is not None and resolution % multiple:
+        raise ConfigError(
+            f"data.resolution={resolution} cannot go through this model: it must be a multiple of "
+            f"{multiple} (autoencoder downsampling {factor} x UNet levels {levels})"
+        )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured module; returns the final logged metrics."""
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir.parent)
+    datamodule = instantiate(cfg.data)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("_target_", None)
+    module = instantiate(cfg.module, model=model_cfg, _convert_="all")
+    loggers = build_loggers(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False, default_root_dir=str(output_dir)
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if getattr(module, "stop_reason", None):
+        path = output_dir / "checkpoints" / "last-good.ckpt"
+        trainer.save_checkpoint(path)
+        raise SystemExit(f"train.py: stopped: {module.stop_reason}. Last good state: {path}")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("finished at step %d: %s", trainer.global_step, metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except (ConfigError, OmegaConfBaseException) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

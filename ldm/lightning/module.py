@@ -1,0 +1,243 @@
+"""LatentDiffusion: the LightningModule that trains the UNet of a StableDiffusion model.
+
+It *is* a StableDiffusion (same attributes, so the same LDM key names in its checkpoints) with the
+training step of DESIGN.md's data flow:
+
+    z0 = scale_factor · E(image)                  frozen first stage, eval mode, no grads
+    c  = text_encoder(caption, dropped w.p. p)    frozen unless train_text_encoder
+    t, ε ~ generator seeded seed + global_rank    (so every GPU draws different noise)
+    z_t = q_sample(z0, t, ε + offset_noise · ε')
+    loss = mean(w(t) · |unet(z_t, t, c) - target|²),  target ε or v,  w = min-SNR-γ or 1
+    EMA update of the UNet after each optimizer step (LDM's `model_ema.*`)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ldm.checkpoint import (
+    EMA_PREFIX,
+    VAE_PREFIX,
+    CheckpointError,
+    read_checkpoint,
+)
+from ldm.lightning.ema import EMA
+from ldm.models.stable_diffusion import StableDiffusion, normalize_config
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after too many consecutive non-finite losses."""
+
+
+class LatentDiffusion(StableDiffusion, L.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        caption_dropout: float = 0.1,
+        ema_decay: float | None = 0.9999,
+        ema_warmup: bool = True,
+        min_snr_gamma: float | None = None,
+        offset_noise: float = 0.0,
+        train_text_encoder: bool = False,
+        seed: int = 0,
+        init_from: str | None = None,
+        first_stage_ckpt: str | None = None,
+        scale_by_std: bool = False,
+        max_nonfinite_steps: int = 10,
+    ):
+        model = dict(model)
+        model.pop("_target_", None)
+        init = read_checkpoint(init_from, model.get("prediction_type")) if init_from else None
+        config = normalize_config(init.config if init else model)
+        super().__init__(**config, tokenizer_dir=init.tokenizer_dir if init else None)
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.caption_dropout = caption_dropout
+        self.min_snr_gamma = min_snr_gamma
+        self.offset_noise = offset_noise
+        self.train_text_encoder = train_text_encoder
+        self.seed = seed
+        self.scale_by_std = scale_by_std
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
+        self._nonfinite_streak = 0
+        self._scale_measured = False
+        self._last_ema_step = -1
+        self.stop_reason: str | None = None
+        if init is not None:
+            self._load_weights(init.without_ema().state_dict, init.source)
+        if first_stage_ckpt:
+            self._load_first_stage(first_stage_ckpt)
+        self.first_stage_model.requires_grad_(False)
+        self.cond_stage_model.requires_grad_(train_text_encoder)
+        self.model_ema = EMA(self.model, ema_decay, ema_warmup) if ema_decay is not None else None
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def _load_weights(self, state_dict: dict[str, Tensor], source: str) -> None:
+        # Runs before model_ema exists, so the module's keys are exactly the checkpoint's.
+        own = set(self.state_dict())
+        missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+        if missing or unexpected:
+            raise CheckpointError(f"init_from={source}: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        self.load_state_dict(state_dict, strict=True)
+
+    def _load_first_stage(self, path: str) -> None:
+        """The autoencoder from a stage-one checkpoint (or any file with `first_stage_model.*`)."""
+        from ldm.checkpoint import read_tensor_file
+
+        obj, _ = read_tensor_file(path)
+        sd = obj.get("state_dict", obj)
+        vae = {k[len(VAE_PREFIX) :]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+        if not vae:
+            raise CheckpointError(f"first_stage_ckpt={path} holds no '{VAE_PREFIX}*' weights")
+        self.first_stage_model.load_state_dict(vae, strict=True)
+        if isinstance(obj.get("ldm_config"), dict) and "scale_factor" in obj["ldm_config"]:
+            self.config["scale_factor"] = float(obj["ldm_config"]["scale_factor"])
+            self._scale_measured = True
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        # Lightning switches everything to train mode at fit start; the frozen parts must stay in eval.
+        super().train(mode)
+        self.first_stage_model.eval()
+        if not self.train_text_encoder:
+            self.cond_stage_model.eval()
+        return self
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        params = list(self.model.parameters())
+        if self.train_text_encoder:
+            params += list(self.cond_stage_model.parameters())
+        return params
+
+    # -- randomness -----------------------------------------------------------------------------
+
+    @property
+    def generator(self) -> torch.Generator:
+        """Noise, timesteps and caption dropout all come from here: seed + global_rank, saved in checkpoints."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
+            if self._generator_state is not None:
+                self._generator.set_state(self._generator_state)
+                self._generator_state = None
+        return self._generator
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ldm_config"] = self.config
+        checkpoint["scale_factor_measured"] = self._scale_measured
+        # Every rank runs this hook but only rank 0 writes: gather each rank's stream into the file.
+        state = self.generator.get_state()
+        states = self.all_gather(state.to(self.device)) if self.trainer.world_size > 1 else state[None]
+        checkpoint["noise_generators"] = [s.cpu() for s in states]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "ldm_config" in checkpoint:
+            self.config["scale_factor"] = checkpoint["ldm_config"]["scale_factor"]
+            self._scale_measured = bool(checkpoint.get("scale_factor_measured", False))
+        states = checkpoint.get("noise_generators", [])
+        self._generator = None
+        if self.global_rank < len(states):
+            self._generator_state = states[self.global_rank].cpu()
+        else:
+            # More ranks than when saved: a fresh stream that differs per rank and from the first run's.
+            self.seed += 100_003 * int(checkpoint.get("global_step", 0))
+
+    # -- training -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _latents(self, images: Tensor) -> Tensor:
+        z = self.first_stage_model.encode(images.to(self.dtype)).sample(self.generator)
+        if self.scale_by_std and not self._scale_measured:
+            # LDM's rescaling: unit-variance latents from the first batch, agreed across ranks.
+            std = self.trainer.strategy.reduce(z.float().std(), reduce_op="mean")
+            self.config["scale_factor"] = float(1.0 / std)
+            self._scale_measured = True
+            log.info("scale_factor set to %.5f from the first batch", self.config["scale_factor"])
+        return self.scale_factor * z
+
+    def _captions(self, captions: list[str]) -> list[str]:
+        if self.caption_dropout <= 0:
+            return list(captions)
+        keep = torch.rand(len(captions), generator=self.generator, device=self.device) >= self.caption_dropout
+        return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+
+    def diffusion_loss(self, z0: Tensor, context: Tensor) -> Tensor:
+        g = self.generator
+        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), generator=g, device=self.device)
+        noise = torch.randn(z0.shape, generator=g, device=self.device, dtype=z0.dtype)
+        if self.offset_noise:
+            offset = torch.randn((*z0.shape[:2], 1, 1), generator=g, device=self.device, dtype=z0.dtype)
+            noise = noise + self.offset_noise * offset
+        z_t = self.schedule.q_sample(z0, t, noise)
+        target = self.schedule.target(z0, noise, t, self.prediction_type)
+        pred = self.apply_model(z_t, t, context)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.min_snr_gamma:
+            per_sample = per_sample * self.schedule.min_snr_weight(t, self.min_snr_gamma, self.prediction_type)
+        return per_sample.mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        z0 = self._latents(batch["image"])
+        captions = self._captions(batch["caption"])
+        with torch.set_grad_enabled(self.train_text_encoder):
+            context = self.encode_text(captions)
+        loss = self.diffusion_loss(z0, context)
+        loss = self._guard_nonfinite(loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
+        skipped = sum((batch.get("skipped") or {}).values())
+        self.log("data/skipped_samples", float(skipped), reduce_fx="sum", batch_size=z0.shape[0])
+        return loss
+
+    def _guard_nonfinite(self, loss: Tensor) -> Tensor:
+        """Every rank takes the same decision, so none waits in an all-reduce the others skipped."""
+        bad = bool(self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False))
+        if not bad:
+            self._nonfinite_streak = 0
+            return loss
+        self._nonfinite_streak += 1
+        log.warning("non-finite loss at step %d (%d in a row)", self.global_step, self._nonfinite_streak)
+        if self._nonfinite_streak >= self.max_nonfinite_steps:
+            self.stop_reason = (
+                f"{self._nonfinite_streak} consecutive non-finite losses at step {self.global_step}: "
+                "lower the learning rate, use bf16 instead of fp16, or check the data"
+            )
+            self.trainer.should_stop = True
+        # A zero loss with a graph: the weights get no NaN gradient, the optimizer step stays valid.
+        return sum(p.sum() for p in self.trainable_parameters()) * 0.0
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.model_ema is not None and self.global_step != self._last_ema_step:
+            self._last_ema_step = self.global_step
+            self.model_ema.update(self.model)
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured (set optimizer=... in the training config)")
+        kwargs = {}
+        if self.device.type == "cuda" and "fused" in getattr(self.optimizer_factory, "keywords", {}):
+            kwargs["fused"] = True
+        optimizer = self.optimizer_factory(params=self.trainable_parameters(), **kwargs)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def ema_state(self) -> dict[str, Tensor]:
+        if self.model_ema is None:
+            return {}
+        return {k: v for k, v in self.state_dict().items() if k.startswith(EMA_PREFIX)}
+
