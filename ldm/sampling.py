@@ -65,6 +65,12 @@ def generate(
     otherwise it is drawn from `generator` (a CPU generator).
     """
     settings = settings or SamplerSettings()
+    if model.config["unet"]["in_channels"] != model.latent_channels:
+        raise ValueError(
+            f"this UNet takes {model.config['unet']['in_channels']} input channels (an inpainting or other "
+            "image-conditioned model); text-to-image sampling needs one with "
+            f"{model.latent_channels} (the latent channels)"
+        )
     param = next(model.model.parameters())
     device, dtype = param.device, param.dtype
     if generator is None:

@@ -12,9 +12,11 @@ import torch
 from helpers import model_config, randomize_
 from hydra import compose, initialize_config_module
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from ldm.checkpoint import checkpoint_from_model, save_checkpoint
 from ldm.cli.sample import run
+from ldm.convert import main as convert_main
 from ldm.models.stable_diffusion import StableDiffusion
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,11 +29,29 @@ def sample_config(overrides: list[str]):
         return compose(config_name="sample", overrides=overrides)
 
 
+def tiny_sd2_config() -> dict:
+    """SD 2.x-768's structure at tiny size: OpenCLIP text tower (penultimate layer), linear projections,
+    heads of fixed width, v-prediction."""
+    cfg = model_config("tiny")
+    cfg["unet"].update(
+        model_channels=64, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True, transformer_depth=2
+    )
+    cfg["cond_stage"] = {"kind": "openclip", "width": 64, "heads": 1, "layers": 3, "layer": "penultimate"}
+    cfg["prediction_type"] = "v_prediction"
+    cfg["scale_factor"] = 0.18215  # SD's, which a file without our metadata is assumed to use
+    return cfg
+
+
+def write_model(tmp_path: Path, name: str, seed: int = 0, fmt: str = "diffusers") -> Path:
+    cfg = tiny_sd2_config() if name == "tiny_sd2" else model_config(name)
+    model = randomize_(StableDiffusion.from_config(cfg), std=0.08, seed=seed)
+    path = tmp_path / (f"{name}-diffusers" if fmt == "diffusers" else f"{name}.safetensors")
+    save_checkpoint(checkpoint_from_model(model), path)
+    return path
+
+
 def write_pipeline(tmp_path: Path, name: str, seed: int = 0) -> Path:
-    model = randomize_(StableDiffusion.from_config(model_config(name)), std=0.08, seed=seed)
-    folder = tmp_path / f"{name}-diffusers"
-    save_checkpoint(checkpoint_from_model(model), folder)
-    return folder
+    return write_model(tmp_path, name, seed)
 
 
 def diffusers_images(folder: Path, scheduler: str, steps: int, guidance: float, seed: int, size: int, n: int):
@@ -53,7 +73,10 @@ def diffusers_images(folder: Path, scheduler: str, steps: int, guidance: float, 
     return (out.images * 255).round().astype("uint8")
 
 
-def our_images(folder: Path, out_dir: Path, sampler: str, steps: int, guidance: float, seed: int, size: int, n: int):
+def our_images(
+    folder: Path, out_dir: Path, sampler: str, steps: int, guidance: float, seed: int, size: int, n: int,
+    extra: tuple[str, ...] = (),
+):
     cfg = sample_config(
         [
             f"ckpt={folder}",
@@ -68,6 +91,7 @@ def our_images(folder: Path, out_dir: Path, sampler: str, steps: int, guidance: 
             f"num_images={n}",
             f"out_dir={out_dir}",
             "device=cpu",
+            *extra,
         ]
     )
     paths = [p for p in run(cfg) if not p.name.startswith("grid")]
@@ -89,6 +113,22 @@ def test_sample_matches_diffusers_pipeline(tmp_path, sampler, scheduler, steps, 
     assert ours.std() > 5, "random weights should give a non-flat image, or the comparison says nothing"
     diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
     assert diff <= 2, f"max pixel difference {diff}/255"
+
+
+def test_sd2_structure_v_prediction_matches_diffusers_from_single_file_and_folder(tmp_path):
+    single = write_model(tmp_path, "tiny_sd2", seed=5, fmt="single")
+    folder = tmp_path / "converted"
+    assert convert_main([str(single), str(folder)]) == 0
+    theirs = diffusers_images(folder, "EulerDiscreteScheduler", 8, 6.0, 5, 32, 1)
+    from_folder = our_images(folder, tmp_path / "a", "euler", 8, 6.0, 5, 32, 1)
+    # As released SD 2.x files: tensors only, so the prediction type must be named.
+    save_file(load_file(str(single)), str(single))
+    from_single = our_images(single, tmp_path / "b", "euler", 8, 6.0, 5, 32, 1, ("prediction_type=v_prediction",))
+    as_epsilon = our_images(single, tmp_path / "c", "euler", 8, 6.0, 5, 32, 1)
+    assert from_folder.std() > 5
+    assert np.abs(from_folder.astype(int) - theirs.astype(int)).max() <= 2
+    assert np.abs(from_single.astype(int) - theirs.astype(int)).max() <= 2
+    assert np.abs(as_epsilon.astype(int) - theirs.astype(int)).max() > 2, "prediction_type must matter"
 
 
 @pytest.mark.slow
