@@ -18,9 +18,13 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from ldm.checkpoint import CheckpointError
+from ldm.lightning.module import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,26 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
 
 
+def missing_values(cfg: DictConfig) -> list[str]:
+    """Dotted keys still `???`, found without resolving (OmegaConf.missing_keys stops at the first
+    interpolation that points at one, e.g. `module.init_from: ${init_from}`)."""
+
+    def walk(node: Any, key: str) -> list[str]:
+        if isinstance(node, dict | list):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            return [m for k, v in items for m in walk(v, f"{key}.{k}" if key else str(k))]
+        return [key] if node == "???" else []
+
+    return walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
 def check_config(cfg: DictConfig) -> None:
+    missing = missing_values(cfg)
+    if missing:
+        raise ConfigError(
+            f"missing mandatory value(s): {', '.join(missing)}; set them on the command line, "
+            f"e.g. python train.py {missing[0]}=..."
+        )
     model = cfg.model
     factor = 2 ** (len(model.first_stage.ddconfig.ch_mult) - 1)
     levels = len(model.unet.channel_mult)
@@ -99,16 +122,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if getattr(module, "stop_reason", None):
         path = output_dir / "checkpoints" / "last-good.ckpt"
         trainer.save_checkpoint(path)
-        raise SystemExit(f"train.py: stopped: {module.stop_reason}. Last good state: {path}")
+        raise NonFiniteLossError(f"stopped: {module.stop_reason}. Last good state: {path}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("finished at step %d: %s", trainer.global_step, metrics)
     return metrics
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The error to show alone, without a traceback, when it is bad input the message explains: a config
+    problem, a missing file, or an argument a constructor refused (Hydra wraps those)."""
+    if isinstance(err, InstantiationException) and isinstance(err.__cause__, ValueError | FileNotFoundError):
+        return err.__cause__
+    if isinstance(err, ConfigError | CheckpointError | FileNotFoundError | OmegaConfBaseException):
+        return err
+    return None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ConfigError, OmegaConfBaseException) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+    except NonFiniteLossError as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as err:
+        shown = user_error(err)
+        if shown is None:
+            raise
+        print(f"train.py: error: {shown}", file=sys.stderr)
         raise SystemExit(2) from None

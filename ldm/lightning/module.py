@@ -75,8 +75,8 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self._nonfinite_streak = 0
+        self.skipped_samples = 0  # data samples the loader dropped so far, all ranks together
         self._scale_measured = False
-        self._last_ema_step = -1
         self.stop_reason: str | None = None
         if init is not None:
             self._load_weights(init.without_ema().state_dict, init.source)
@@ -85,6 +85,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self.first_stage_model.requires_grad_(False)
         self.cond_stage_model.requires_grad_(train_text_encoder)
         self.model_ema = EMA(self.model, ema_decay, ema_warmup) if ema_decay is not None else None
+        self.train()  # Lightning never calls train() before fitting: this puts the frozen parts in eval
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -111,7 +112,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             self._scale_measured = True
 
     def train(self, mode: bool = True) -> LatentDiffusion:
-        # Lightning switches everything to train mode at fit start; the frozen parts must stay in eval.
+        # Whoever switches the module back to training (the sampling callbacks) leaves the frozen parts in eval.
         super().train(mode)
         self.first_stage_model.eval()
         if not self.train_text_encoder:
@@ -139,19 +140,22 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ldm_config"] = self.config
         checkpoint["scale_factor_measured"] = self._scale_measured
+        checkpoint["skipped_samples"] = self.skipped_samples
         # Every rank runs this hook but only rank 0 writes: gather each rank's stream into the file.
         state = self.generator.get_state()
         states = self.all_gather(state.to(self.device)) if self.trainer.world_size > 1 else state[None]
-        checkpoint["noise_generators"] = [s.cpu() for s in states]
+        # clone: rows of one gathered tensor share its storage, and set_state on such a view crashes
+        checkpoint["noise_generators"] = [s.cpu().clone() for s in states]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ldm_config" in checkpoint:
             self.config["scale_factor"] = checkpoint["ldm_config"]["scale_factor"]
             self._scale_measured = bool(checkpoint.get("scale_factor_measured", False))
+        self.skipped_samples = int(checkpoint.get("skipped_samples", 0))
         states = checkpoint.get("noise_generators", [])
         self._generator = None
         if self.global_rank < len(states):
-            self._generator_state = states[self.global_rank].cpu()
+            self._generator_state = states[self.global_rank].cpu().clone()
         else:
             # More ranks than when saved: a fresh stream that differs per rank and from the first run's.
             self.seed += 100_003 * int(checkpoint.get("global_step", 0))
@@ -196,15 +200,22 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         with torch.set_grad_enabled(self.train_text_encoder):
             context = self.encode_text(captions)
         loss = self.diffusion_loss(z0, context)
-        loss = self._guard_nonfinite(loss)
+        nonfinite, skipped = self._sum_over_ranks(
+            float(not torch.isfinite(loss)), sum((batch.get("skipped") or {}).values())
+        )
+        # A running total: a per-batch count would be lost on the steps the loggers do not write.
+        self.skipped_samples += int(skipped)
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
-        skipped = sum((batch.get("skipped") or {}).values())
-        self.log("data/skipped_samples", float(skipped), reduce_fx="sum", batch_size=z0.shape[0])
-        return loss
+        self.log("data/skipped_samples", float(self.skipped_samples), batch_size=z0.shape[0])
+        return self._guard_nonfinite(loss, nonfinite > 0)
 
-    def _guard_nonfinite(self, loss: Tensor) -> Tensor:
-        """Every rank takes the same decision, so none waits in an all-reduce the others skipped."""
-        bad = bool(self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False))
+    def _sum_over_ranks(self, *values: float) -> list[float]:
+        """One all-reduce for the per-step numbers all ranks must agree on."""
+        summed = self.trainer.strategy.reduce(torch.tensor(values, device=self.device), reduce_op="sum")
+        return summed.tolist()
+
+    def _guard_nonfinite(self, loss: Tensor, bad: bool) -> Tensor:
+        """`bad` is agreed by all ranks, so none waits in a gradient all-reduce the others skipped."""
         if not bad:
             self._nonfinite_streak = 0
             return loss
@@ -219,9 +230,11 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         # A zero loss with a graph: the weights get no NaN gradient, the optimizer step stays valid.
         return sum(p.sum() for p in self.trainable_parameters()) * 0.0
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.model_ema is not None and self.global_step != self._last_ema_step:
-            self._last_ema_step = self.global_step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # Here, not in on_train_batch_end: callbacks' on_train_batch_end (ModelCheckpoint) run before the
+        # module's, so a checkpoint written at step N would miss step N's EMA update and resume would differ.
+        super().optimizer_step(*args, **kwargs)
+        if self.model_ema is not None:
             self.model_ema.update(self.model)
 
     def configure_optimizers(self) -> Any:
