@@ -23,7 +23,7 @@ Bad samples (undecodable or truncated image, no image, no caption, image smaller
 in `WebDataModule.skipped_samples` in the main process, exact with or without workers.
 
 Resume: a stream has no position to save. Each pass over the data is shuffled with a seed drawn
-from (`seed`, epoch, global step) of the trainer, so a run resumed at an epoch boundary sees
+from (`seed`, the trainer's global step when the pass starts), so a run resumed at an epoch boundary sees
 the same order as an uninterrupted one, and one resumed mid-epoch restarts the stream with a new
 order (samples seen just before the stop may come again). `state_dict` keeps the skip counts.
 """
@@ -287,18 +287,22 @@ class ShardLoader:
         return self.epoch_length
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch, step = self.clock() or (self._iterations, 0)
+        # Seeded by the global step the pass starts at (not the epoch: without a known length Lightning
+        # asks for the next epoch's iterator before it counts the epoch), so a run resumed at an epoch
+        # boundary reads the order an uninterrupted run reads.
+        clock = self.clock()
+        position = clock[1] if clock is not None else self._iterations
         self._iterations += 1
-        passes = self._passes(epoch, step)
+        passes = self._passes(position)
         try:
             yield from passes if self.epoch_length is None else itertools.islice(passes, self.epoch_length)
         finally:
             passes.close()  # shuts the DataLoader's workers down now, not whenever garbage is collected
 
-    def _passes(self, epoch: int, step: int) -> Iterator[dict[str, Any]]:
+    def _passes(self, position: int) -> Iterator[dict[str, Any]]:
         for pass_index in itertools.count():
             produced = 0
-            for batch in self._one_pass(_mix_seed(self.seed, epoch, step, pass_index)):
+            for batch in self._one_pass(_mix_seed(self.seed, position, pass_index)):
                 produced += 1
                 yield batch
             if produced == 0:
