@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Stage one (autoencoder), stage two (diffusion; prints the caption-fidelity score), then sample.py on
+# the trained checkpoint as a user would.
 demo: $(STAMP)
+	$(BIN)/python train.py experiment=autoencoder_demo
 	$(BIN)/python train.py experiment=demo
+	$(BIN)/python sample.py ckpt=$$(ls -t outputs/demo/*/checkpoints/last.ckpt | head -1) ema=true \
+		prompt="a red circle on a blue background" num_images=4 steps=25 out_dir=outputs/demo-samples
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -8,6 +8,7 @@ sampler draws any further noise from the same generator.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,3 +107,14 @@ def to_uint8(images: Tensor) -> list[np.ndarray]:
     """(B, 3, H, W) in [0, 1] to a list of H×W×3 uint8 arrays, rounded as diffusers rounds."""
     arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
     return list(arrays)
+
+
+def image_grid(images: list[np.ndarray]) -> np.ndarray:
+    """H×W×3 uint8 images tiled row by row into a near-square grid."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    h, w, c = images[0].shape
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = image
+    return grid

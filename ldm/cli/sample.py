@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model
-from ldm.sampling import SamplerSettings, generate, initial_noise, to_uint8
+from ldm.sampling import SamplerSettings, generate, image_grid, initial_noise, to_uint8
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -83,16 +83,6 @@ def save_png(image: Image.Image, path: Path, info: PngImagePlugin.PngInfo | None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def make_grid(images: list[Image.Image]) -> Image.Image:
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 def next_index(out_dir: Path) -> int:
@@ -168,7 +158,7 @@ def run(cfg: DictConfig) -> list[Path]:
             index += 1
         if cfg.grid and len(images) > 1:
             grid_path = out_dir / f"grid-{index - len(images):05d}.png"
-            save_png(make_grid(images), grid_path, png_metadata(meta))
+            save_png(Image.fromarray(image_grid([np.asarray(im) for im in images])), grid_path, png_metadata(meta))
             written.append(grid_path)
     return written
 

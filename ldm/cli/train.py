@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,11 @@ from ldm.checkpoint import CheckpointError
 from ldm.lightning.module import NonFiniteLossError
 
 log = logging.getLogger(__name__)
+
+# Lightning warnings that are expected here: the frozen first stage and text encoder are in eval mode
+# on purpose, and FLOPs per batch are not computed for the throughput monitor (samples/s still are).
+for message in (r".*module\(s\) in eval mode.*", r".*`flops_per_batch`.*", r".*LeafSpec.*"):
+    warnings.filterwarnings("ignore", message=message)
 
 
 class ConfigError(ValueError):

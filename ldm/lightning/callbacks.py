@@ -4,7 +4,6 @@ Lightning's ThroughputMonitor."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +13,13 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from ldm.sampling import SamplerSettings, generate, initial_noise, to_uint8
+from ldm.sampling import SamplerSettings, generate, image_grid, initial_noise, to_uint8
 
 log = logging.getLogger(__name__)
 
 
 def image_batch_size(batch: dict[str, Any]) -> int:
     return int(batch["image"].shape[0])
-
-
-def image_grid(images: list[np.ndarray]) -> np.ndarray:
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    h, w, c = images[0].shape
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = image
-    return grid
 
 
 class SampleImages(L.Callback):
