@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import model_config
 from hydra import compose, initialize_config_module
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -20,7 +21,6 @@ from ldm.data.webdataset import WebDataModule
 from ldm.lightning.autoencoder import AutoencoderTraining
 from ldm.lightning.module import LatentDiffusion
 from ldm.models.autoencoder_losses import LPIPS, load_lpips
-from tests.helpers import model_config
 
 TINY = model_config("tiny")
 
@@ -96,7 +96,7 @@ def trained(
 ) -> tuple[AutoencoderTraining, Recorder, Path]:
     torch.manual_seed(0)
     module = AutoencoderTraining(TINY, optimizer=adam())
-    trainer, recorder = fit(module, shard_dir, max_steps=50, batch_size=16)
+    trainer, recorder = fit(module, shard_dir, max_steps=150, batch_size=16)
     ckpt = tmp_path_factory.mktemp("ckpt") / "autoencoder.ckpt"
     trainer.save_checkpoint(ckpt)
     return module, recorder, ckpt
@@ -105,7 +105,7 @@ def trained(
 def test_training_lowers_the_reconstruction_loss(trained) -> None:
     _, recorder, _ = trained
     rec = [m["train/rec_loss"] for m in recorder.metrics]
-    assert len(rec) == 50
+    assert len(rec) == 150
     first, last = sum(rec[:5]) / 5, sum(rec[-5:]) / 5
     assert last < 0.8 * first, f"reconstruction loss went from {first:.3f} to {last:.3f}"
 
@@ -127,7 +127,7 @@ def test_checkpoint_is_the_first_stage_of_latent_diffusion(trained, shard_dir: P
     batch = next(iter(_loader(shard_dir, batch_size=64)))
     with torch.no_grad():
         latents = diffusion.first_stage_model.encode(batch["image"]).sample(torch.Generator().manual_seed(0))
-    assert (scale_factor * latents).std().item() == pytest.approx(1.0, rel=0.25)
+    assert (scale_factor * latents).std().item() == pytest.approx(1.0, rel=0.15)
 
 
 def test_init_from_starts_from_a_checkpoints_first_stage(trained) -> None:

@@ -37,8 +37,9 @@ from ldm.models.autoencoder_losses import AutoencoderLoss
 
 log = logging.getLogger(__name__)
 
-# Decay of the running latent moments behind scale_factor: they average about the last 100 batches.
-LATENT_STATS_DECAY = 0.99
+# Decay of the running latent moments behind scale_factor: about the last 20 batches, recent enough to
+# follow an encoder that is still changing, and each batch holds thousands of latent values.
+LATENT_STATS_DECAY = 0.95
 
 
 class AutoencoderTraining(L.LightningModule):
