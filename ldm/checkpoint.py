@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ldm.formats.text import (
+    openclip_keys_dropped_in_diffusers,
     text_config_from_diffusers,
     text_config_from_state_dict,
     text_config_to_diffusers,
@@ -79,8 +80,10 @@ SCHEDULE_BUFFERS = frozenset(
 POSITION_IDS = TEXT_PREFIX + "transformer.text_model.embeddings.position_ids"
 EMA_BOOKKEEPING = frozenset({EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"})
 
+EXTRAS_FILE = "ldm_extras.safetensors"
 DIFFUSERS_WEIGHT_NAMES = {
     "unet": "diffusion_pytorch_model",
+    "unet_ema": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
 }
@@ -98,7 +101,9 @@ class Checkpoint:
     state_dict: dict[str, Tensor]
     tokenizer_dir: str | None = None
     source: str = ""
-    dropped: list[str] = field(default_factory=list)
+    # Tensors of the original file that no module holds (schedule buffers, position ids): kept so that a
+    # conversion writes them back and a round trip leaves every tensor as it was.
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
     def has_ema(self) -> bool:
         return any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in self.state_dict)
@@ -113,11 +118,11 @@ class Checkpoint:
             if ema_key not in self.state_dict:
                 raise CheckpointError(f"{self.source}: EMA weights lack {ema_key} (for {key})")
             sd[key] = self.state_dict[ema_key]
-        return Checkpoint(self.config, sd, self.tokenizer_dir, self.source, self.dropped)
+        return replace(self, state_dict=sd)
 
     def without_ema(self) -> Checkpoint:
         sd = {k: v for k, v in self.state_dict.items() if not k.startswith(EMA_PREFIX)}
-        return Checkpoint(self.config, sd, self.tokenizer_dir, self.source, self.dropped)
+        return replace(self, state_dict=sd)
 
     def build_model(self) -> StableDiffusion:
         """A StableDiffusion module with these weights, loaded strictly."""
@@ -227,9 +232,7 @@ def read_ldm_file(
             f"(top-level names found: {prefixes}). Expected an SD 1.x/2.x single file, a checkpoint of this "
             "project, or a diffusers folder."
         )
-    dropped = sorted(k for k in sd if k in SCHEDULE_BUFFERS or k == POSITION_IDS)
-    for key in dropped:
-        del sd[key]
+    extras = {k: sd.pop(k) for k in sorted(sd) if k in SCHEDULE_BUFFERS or k == POSITION_IDS}
     if config is None:
         config = infer_config_from_ldm(sd, str(path))
     config = dict(config)
@@ -239,7 +242,7 @@ def read_ldm_file(
     unknown = sorted(k for k in sd if not k.startswith(known))
     if unknown:
         raise CheckpointError(_key_report(str(path), [], unknown))
-    return Checkpoint(normalize_config(config), sd, None, str(path), dropped)
+    return Checkpoint(normalize_config(config), sd, None, str(path), extras)
 
 
 def infer_config_from_ldm(sd: dict[str, Tensor], source: str = "checkpoint") -> dict[str, Any]:
@@ -318,10 +321,30 @@ def read_diffusers_folder(path: str | Path, prediction_type: str | None = None) 
             sd.update({prefix + k: v for k, v in part.items()})
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{folder}: weights do not match their config.json: {err}") from None
+    if (folder / "unet_ema" / "config.json").is_file():
+        _, ema_sd = _read_component(folder, "unet_ema")
+        for key, value in unet_from_diffusers(ema_sd, unet_cfg).items():
+            sd[ema_key_for(UNET_PREFIX + key)] = value
+    extras = _restore_extras(folder, sd, config)
     tokenizer = folder / "tokenizer"
     return Checkpoint(
-        normalize_config(config), sd, str(tokenizer) if tokenizer.is_dir() else None, str(folder)
+        normalize_config(config), sd, str(tokenizer) if tokenizer.is_dir() else None, str(folder), extras
     )
+
+
+def _restore_extras(folder: Path, sd: dict[str, Tensor], config: dict[str, Any]) -> dict[str, Tensor]:
+    """Put back what a folder we wrote keeps aside in `ldm_extras.safetensors` (see save_diffusers_folder)."""
+    path = folder / EXTRAS_FILE
+    if not path.is_file():
+        return {}
+    tensors, metadata = read_tensor_file(path)
+    extras = {k: tensors.pop(k) for k in sorted(tensors) if k in SCHEDULE_BUFFERS or k == POSITION_IDS}
+    sd.update(tensors)
+    stored = json.loads(metadata.get("ldm_config", "null"))
+    if stored and any(k.startswith(TEXT_PREFIX) for k in tensors):
+        # The text tower is whole again (SD 2's last block and projection), so its own config applies.
+        config["cond_stage"] = stored["cond_stage"]
+    return extras
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -392,7 +415,7 @@ def _atomic_file(path: Path, write) -> None:
 def save_ldm_file(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """An LDM single file: `.safetensors` (config in its metadata) or `.ckpt` ({"state_dict", "ldm_config"})."""
     path = Path(path)
-    sd = _cast(ckpt.state_dict, dtype)
+    sd = _cast({**ckpt.extras, **ckpt.state_dict}, dtype)
     config_json = json.dumps(ckpt.config)
     if path.suffix == ".safetensors":
         _atomic_file(path, lambda tmp: _save_safetensors(sd, tmp, {"format": "pt", "ldm_config": config_json}))
@@ -439,7 +462,12 @@ def _downsampling(cfg: dict[str, Any]) -> int:
 
 
 def save_diffusers_folder(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """A diffusers StableDiffusionPipeline folder, written under a temporary name and renamed at the end."""
+    """A diffusers StableDiffusionPipeline folder, written under a temporary name and renamed at the end.
+
+    EMA weights go to `unet_ema/` (as diffusers' training scripts save them). What diffusers has no place
+    for (SD 2's unused last text block and projection, the original file's schedule buffers, the EMA's
+    counters) goes to `ldm_extras.safetensors`, so converting back gives every tensor as it was.
+    """
     from ldm.models.encoders import write_clip_tokenizer
 
     dst = Path(path)
@@ -462,9 +490,21 @@ def save_diffusers_folder(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype
             text_to_diffusers(_strip(ckpt.state_dict, TEXT_PREFIX), kind),
         ),
     }
+    text_sd = _strip(ckpt.state_dict, TEXT_PREFIX)
+    aside = dict(ckpt.extras)
+    if kind == "openclip":
+        aside.update({TEXT_PREFIX + k: text_sd[k] for k in openclip_keys_dropped_in_diffusers(text_sd)})
+    aside.update({k: ckpt.state_dict[k] for k in EMA_BOOKKEEPING if k in ckpt.state_dict})
+    if ckpt.has_ema():
+        ema_unet = _strip(ckpt.with_ema_weights().state_dict, UNET_PREFIX)
+        parts["unet_ema"] = (parts["unet"][0], unet_to_diffusers(ema_unet, cfg["unet"]))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
+        if aside:
+            # Tensors diffusers has no place for; diffusers ignores the file, our loader restores them.
+            metadata = {"format": "pt", "ldm_config": json.dumps(cfg)}
+            _save_safetensors(_cast(aside, dtype), tmp / EXTRAS_FILE, metadata)
         for component, (dconfig, sd) in parts.items():
             (tmp / component).mkdir()
             (tmp / component / "config.json").write_text(json.dumps(dconfig, indent=2))

@@ -44,19 +44,15 @@ def convert(args: argparse.Namespace) -> str:
     if dst.exists() and not (args.overwrite and dst.is_file()):
         raise CheckpointError(f"{dst} exists; choose another destination (or --overwrite for a file)")
     ckpt = read_checkpoint(args.src, args.prediction_type, args.allow_unsafe_pickle)
-    notes = []
     if args.ema:
         ckpt = ckpt.with_ema_weights()
-    elif ckpt.has_ema() and dst.suffix not in (".safetensors", ".ckpt", ".pt"):
-        ckpt = ckpt.without_ema()
-        notes.append("the source's EMA weights were left out (diffusers folders hold one UNet; --ema picks EMA)")
     save_checkpoint(ckpt, dst, DTYPES.get(args.dtype) if args.dtype else None)
     unet = ckpt.config["unet"]
     summary = (
         f"wrote {dst}: text encoder {ckpt.config['cond_stage']['kind']}, context_dim {unet.get('context_dim')}, "
         f"in_channels {unet['in_channels']}, prediction_type {ckpt.config['prediction_type']}"
     )
-    return "\n".join([summary, *notes])
+    return summary + ("; EMA weights kept (model_ema / unet_ema)" if ckpt.has_ema() else "")
 
 
 def main(argv: list[str] | None = None) -> int:

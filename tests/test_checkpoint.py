@@ -24,7 +24,11 @@ from ldm.models.stable_diffusion import StableDiffusion
 
 
 def tiny_checkpoint(name: str = "tiny", seed: int = 0, ema: bool = False) -> Checkpoint:
-    model = randomize_(StableDiffusion.from_config(model_config(name)), seed=seed)
+    return tiny_checkpoint_from(model_config(name), seed, ema)
+
+
+def tiny_checkpoint_from(config: dict, seed: int = 0, ema: bool = False) -> Checkpoint:
+    model = randomize_(StableDiffusion.from_config(config), seed=seed)
     ckpt = checkpoint_from_model(model)
     if ema:
         gen = torch.Generator().manual_seed(seed + 1)
@@ -69,6 +73,37 @@ def test_ldm_to_diffusers_to_ldm_is_bit_identical(tmp_path):
     assert convert_main([str(src), str(tmp_path / "diffusers")]) == 0
     assert convert_main([str(tmp_path / "diffusers"), str(tmp_path / "back.safetensors")]) == 0
     assert_same_tensors(load_file(str(tmp_path / "back.safetensors")), load_file(str(src)))
+
+
+def original_style_file(path: Path, ckpt: Checkpoint) -> None:
+    """As released SD files are: schedule buffers and position ids beside the weights, no config."""
+    sd = dict(ckpt.state_dict)
+    sd["betas"] = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64).pow(2).float()
+    sd["alphas_cumprod"] = torch.cumprod(1 - sd["betas"], 0)
+    if ckpt.config["cond_stage"]["kind"] == "clip":
+        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(sd, str(path))
+
+
+@pytest.mark.parametrize("kind", ["clip", "openclip"])
+def test_original_file_round_trips_through_diffusers_with_every_tensor(tmp_path, kind):
+    """SD 1 and SD 2 layouts, EMA included: LDM -> diffusers -> LDM gives back every tensor, bit for bit,
+    although diffusers has no place for SD 2's last text block, the schedule buffers or the EMA counters."""
+    ckpt = tiny_checkpoint(ema=True)
+    if kind == "openclip":
+        cfg = dict(ckpt.config, cond_stage={"kind": "openclip", "width": 64, "heads": 1, "layers": 3})
+        ckpt = tiny_checkpoint_from(cfg, ema=True)
+    src = tmp_path / "orig.safetensors"
+    original_style_file(src, ckpt)
+    assert convert_main([str(src), str(tmp_path / "pipe")]) == 0
+    assert (tmp_path / "pipe" / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()
+    assert convert_main([str(tmp_path / "pipe"), str(tmp_path / "back.safetensors")]) == 0
+    assert_same_tensors(load_file(str(tmp_path / "back.safetensors")), load_file(str(src)))
+    folder = read_checkpoint(tmp_path / "pipe")
+    assert folder.config["cond_stage"] == read_checkpoint(src).config["cond_stage"]
+    folder.build_model()
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), safety_checker=None)
 
 
 def test_ckpt_output_and_fp16(tmp_path):
@@ -118,7 +153,7 @@ def test_original_extras_are_dropped_by_name_and_unknown_keys_are_listed(tmp_pat
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     save_file(sd, str(tmp_path / "orig.safetensors"))
     back = read_checkpoint(tmp_path / "orig.safetensors")
-    assert "alphas_cumprod" in back.dropped
+    assert "alphas_cumprod" in back.extras
     back.build_model()
 
     sd["some_adapter.weight"] = torch.zeros(3)
