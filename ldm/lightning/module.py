@@ -111,6 +111,13 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             self.config["scale_factor"] = float(obj["ldm_config"]["scale_factor"])
             self._scale_measured = True
 
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self.model_ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            # The EMA shadows full tensors while FSDP shards the parameters they should follow.
+            raise ValueError("EMA is not supported with trainer=fsdp yet: add module.ema_decay=null")
+
     def train(self, mode: bool = True) -> LatentDiffusion:
         # Whoever switches the module back to training (the sampling callbacks) leaves the frozen parts in eval.
         super().train(mode)
