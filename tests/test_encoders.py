@@ -192,7 +192,7 @@ def test_openclip_keys_are_ldm_names(sd2_text):
 
 @pytest.mark.parametrize(
     "size, layer",
-    [("tiny", "penultimate"), ("tiny", "last"), pytest.param("vit_h", "penultimate", marks=pytest.mark.slow)],
+    [("tiny", "penultimate"), ("tiny", "last"), ("vit_h", "penultimate")],
 )
 @torch.no_grad()
 def test_openclip_matches_open_clip(size, layer, sd2_text):

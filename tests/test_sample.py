@@ -131,7 +131,6 @@ def test_sd2_structure_v_prediction_matches_diffusers_from_single_file_and_folde
     assert np.abs(as_epsilon.astype(int) - theirs.astype(int)).max() > 2, "prediction_type must matter"
 
 
-@pytest.mark.slow
 def test_sd15_size_sample_matches_diffusers_pipeline(tmp_path):
     folder = write_pipeline(tmp_path, "sd15", seed=1)
     ours = our_images(folder, tmp_path / "out", "ddim", 4, 7.5, 1, 64, 1)

@@ -314,6 +314,5 @@ def test_full_size_sd15_matches_diffusers():
     assert full_size_parity("sd15") < 1e-4
 
 
-@pytest.mark.slow
 def test_full_size_sd21_v_matches_diffusers():
     assert full_size_parity("sd21") < 1e-4
