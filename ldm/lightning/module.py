@@ -137,7 +137,9 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
     @property
     def generator(self) -> torch.Generator:
         """Noise, timesteps and caption dropout all come from here: seed + global_rank, saved in checkpoints."""
-        if self._generator is None or self._generator.device != self.device:
+        # Compare device types: "cuda" and "cuda:0" are the same place, and a fresh generator would
+        # replay the same noise every step.
+        if self._generator is None or self._generator.device.type != self.device.type:
             self._generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
             if self._generator_state is not None:
                 self._generator.set_state(self._generator_state)
