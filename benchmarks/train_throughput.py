@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import model_config, randomize_  # noqa: E402
 
 from ldm.formats.unet import unet_config_to_diffusers, unet_to_diffusers  # noqa: E402
+from ldm.models.stable_diffusion import downsampling_factor  # noqa: E402
 from ldm.models.unet import UNetModel  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -72,7 +73,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cfg = model_config(args.model)
     unet_cfg = {**cfg["unet"], "use_checkpoint": False}
-    factor = 2 ** (len(cfg["first_stage"]["ddconfig"]["ch_mult"]) - 1)
+    factor = downsampling_factor(cfg["first_stage"])
     ours = randomize_(UNetModel(**unet_cfg), std=0.02)
     theirs = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(unet_cfg))
     theirs.load_state_dict(unet_to_diffusers(ours.state_dict(), unet_cfg), strict=True)

@@ -51,7 +51,12 @@ from ldm.formats.vae import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
-from ldm.models.stable_diffusion import DEFAULT_SCHEDULE, StableDiffusion, normalize_config
+from ldm.models.stable_diffusion import (
+    DEFAULT_SCHEDULE,
+    StableDiffusion,
+    downsampling_factor,
+    normalize_config,
+)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -291,7 +296,7 @@ def read_diffusers_folder(path: str | Path, prediction_type: str | None = None) 
     vae_cfg, scale_factor = vae_config_from_diffusers(vae_dcfg)
     kind, text_cfg = text_config_from_diffusers(text_dcfg)
     config: dict[str, Any] = {
-        "image_size": unet_dcfg.get("sample_size", 64) * 2 ** (len(vae_cfg["ddconfig"]["ch_mult"]) - 1),
+        "image_size": unet_dcfg.get("sample_size", 64) * downsampling_factor(vae_cfg),
         "unet": unet_cfg,
         "first_stage": vae_cfg,
         "cond_stage": {"kind": kind, **text_cfg},
@@ -457,10 +462,6 @@ def _model_index() -> dict[str, Any]:
     }
 
 
-def _downsampling(cfg: dict[str, Any]) -> int:
-    return 2 ** (len(cfg["first_stage"]["ddconfig"]["ch_mult"]) - 1)
-
-
 def save_diffusers_folder(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """A diffusers StableDiffusionPipeline folder, written under a temporary name and renamed at the end.
 
@@ -478,7 +479,7 @@ def save_diffusers_folder(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype
     text_cfg = {k: v for k, v in cfg["cond_stage"].items() if k != "kind"}
     parts = {
         "unet": (
-            unet_config_to_diffusers(cfg["unet"], sample_size=cfg["image_size"] // _downsampling(cfg)),
+            unet_config_to_diffusers(cfg["unet"], sample_size=cfg["image_size"] // downsampling_factor(cfg["first_stage"])),
             unet_to_diffusers(_strip(ckpt.state_dict, UNET_PREFIX), cfg["unet"]),
         ),
         "vae": (

@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.checkpoint import CheckpointError
 from ldm.lightning.module import NonFiniteLossError
+from ldm.models.stable_diffusion import downsampling_factor
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def check_config(cfg: DictConfig) -> None:
             f"e.g. python train.py {missing[0]}=..."
         )
     model = cfg.model
-    factor = 2 ** (len(model.first_stage.ddconfig.ch_mult) - 1)
+    factor = downsampling_factor(model.first_stage)
     levels = len(model.unet.channel_mult)
     # The latent must halve cleanly at every UNet level, or skip connections do not line up.
     multiple = factor * 2 ** (levels - 1)

@@ -51,6 +51,11 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, context=context, y=y)
 
 
+def downsampling_factor(first_stage: dict[str, Any]) -> int:
+    """Pixels per latent along each side: 2^(levels-1) of the autoencoder (8 for SD)."""
+    return 2 ** (len(first_stage["ddconfig"]["ch_mult"]) - 1)
+
+
 def build_text_encoder(cfg: dict[str, Any], tokenizer_dir: str | None = None) -> nn.Module:
     kwargs = dict(cfg)
     kind = kwargs.pop("kind")
@@ -133,8 +138,7 @@ class StableDiffusion(nn.Module):
 
     @property
     def downsampling_factor(self) -> int:
-        """Pixels per latent along each side: 2^(levels-1) of the autoencoder (8 for SD)."""
-        return 2 ** (len(self.config["first_stage"]["ddconfig"]["ch_mult"]) - 1)
+        return downsampling_factor(self.config["first_stage"])
 
     @property
     def unet(self) -> UNetModel:
