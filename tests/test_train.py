@@ -243,8 +243,13 @@ def test_loss_falls_on_demo_shards(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("epoch_length", [None, 4])
-def test_resume_from_a_mid_run_checkpoint_continues_exactly(tmp_path: Path, epoch_length: int | None) -> None:
-    """Stopping at step N (as if killed) and resuming gives bit-identical UNet, EMA and noise stream.
+@pytest.mark.parametrize("cut_by", ["kill", "max_steps"])
+def test_resume_from_a_mid_run_checkpoint_continues_exactly(
+    tmp_path: Path, epoch_length: int | None, cut_by: str
+) -> None:
+    """Stopping at step N and resuming gives bit-identical UNet, EMA and noise stream: whether the run
+    was killed after its step-N checkpoint, or finished with max_steps=N and is trained on from its
+    last.ckpt (which Lightning writes with the ended epoch's batch count still set).
 
     A shard stream has no position to save (ldm/data/webdataset.py): each pass is shuffled from
     (seed, global step at its start), so a mid-epoch resume reads a new order. The cut is at an epoch
@@ -265,6 +270,11 @@ def test_resume_from_a_mid_run_checkpoint_continues_exactly(tmp_path: Path, epoc
     train(compose_train(tmp_path, common, output_dir="${paths.root}/straight"))
     ckpts = tmp_path / "runs" / "straight" / "checkpoints"
     cut = ckpts / f"step-{n:07d}.ckpt"
+    if cut_by == "max_steps":
+        # no step-N checkpoint: last.ckpt is written when the run ends, after its epoch closed
+        first = [*common, f"trainer.max_steps={n}", "callbacks.checkpoint.every_n_train_steps=1000"]
+        train(compose_train(tmp_path, first, output_dir="${paths.root}/first"))
+        cut = tmp_path / "runs" / "first" / "checkpoints" / "last.ckpt"
     assert load_ckpt(cut)["global_step"] == n
 
     train(compose_train(tmp_path, [*common, f"ckpt_path={cut}"], output_dir="${paths.root}/resumed"))

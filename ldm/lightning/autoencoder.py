@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from ldm.checkpoint import VAE_PREFIX, CheckpointError, read_checkpoint, read_tensor_file
+from ldm.lightning.resume import start_next_epoch_fresh
 from ldm.models.autoencoder import AutoencoderKL, DiagonalGaussianDistribution
 from ldm.models.autoencoder_losses import AutoencoderLoss
 
@@ -180,6 +181,7 @@ class AutoencoderTraining(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        start_next_epoch_fresh(checkpoint)
         stats = checkpoint.get("latent_moments")
         if stats is not None:
             self._latent_moments = stats["moments"].clone()

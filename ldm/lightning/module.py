@@ -29,6 +29,7 @@ from ldm.checkpoint import (
     read_checkpoint,
 )
 from ldm.lightning.ema import EMA
+from ldm.lightning.resume import start_next_epoch_fresh
 from ldm.models.stable_diffusion import StableDiffusion, normalize_config
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         checkpoint["noise_generators"] = [s.cpu().clone() for s in states]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        start_next_epoch_fresh(checkpoint)
         if "ldm_config" in checkpoint:
             self.config["scale_factor"] = checkpoint["ldm_config"]["scale_factor"]
             self._scale_measured = bool(checkpoint.get("scale_factor_measured", False))
