@@ -41,7 +41,7 @@ class RankProbe(L.Callback):
             start_step=trainer.global_step,
             seed=generator.initial_seed(),
             generator=digest(generator.get_state()),
-            broadcast_buffers=trainer.strategy.model.broadcast_buffers,
+            broadcast_buffers=getattr(trainer.strategy.model, "broadcast_buffers", None),
         )
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -52,16 +52,18 @@ class RankProbe(L.Callback):
         (self.out / f"{self.tag}-rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
 
 
-def train_ddp(tmp_path: Path, tag: str, *overrides: str) -> list[dict[str, Any]]:
+def train_ddp(
+    tmp_path: Path, tag: str, *overrides: str, trainer: tuple[str, ...] = ("trainer=ddp_cpu",), runs: str = "runs"
+) -> list[dict[str, Any]]:
     """Run train.py on 2 CPU processes; returns each rank's probe record."""
     command = [
         sys.executable,
         str(REPO / "train.py"),
-        "trainer=ddp_cpu",
+        *trainer,
         "trainer.devices=2",
         "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1",
-        f"paths.root={tmp_path}/runs",
+        f"paths.root={tmp_path}/{runs}",
         f"data.root={tmp_path}/data",
         "data.num_samples=32",
         f"data.samples_per_shard={SAMPLES_PER_SHARD}",

@@ -81,9 +81,10 @@ class SampleImages(L.Callback):
 
     def log_samples(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._last_step = trainer.global_step
+        # Every rank samples: under trainer=fsdp each forward gathers the weights from all ranks.
+        images = self.sample(pl_module)
         if not trainer.is_global_zero:
             return
-        images = self.sample(pl_module)
         grid = image_grid(images)
         step = trainer.global_step
         out = Path(trainer.default_root_dir) / "samples"
@@ -122,9 +123,9 @@ class CaptionFidelity(L.Callback):
         self.score: float | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        images = self.sampler.sample(pl_module)  # on every rank, as SampleImages
         if not trainer.is_global_zero:
             return
-        images = self.sampler.sample(pl_module)
         self.score = float(self.judge(images, self.sampler.prompts))
         out = Path(trainer.default_root_dir) / "samples"
         out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,10 @@ LDM's LitEma keeps one buffer per parameter, named after the parameter with the 
 (`diffusion_model.time_embed.0.weight` -> `diffusion_modeltime_embed0weight`), plus `decay` and
 `num_updates`. Keeping that layout means the original SD checkpoints' EMA loads, and ours can be read by
 any tool that reads theirs.
+
+Under trainer=fsdp the UNet's parameters are DTensor shards; `shard_like` gives each shadow the same
+sharding, so every rank averages only its own shard (no communication, 1/N of the memory) and a full
+state dict gathers the shadows under the same names.
 """
 
 from __future__ import annotations
@@ -13,6 +17,12 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of a sharded tensor (the tensor itself when it is not sharded)."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class EMA(nn.Module):
@@ -41,28 +51,38 @@ class EMA(nn.Module):
         self.num_updates += 1
         decay = self.current_decay()
         params = dict(model.named_parameters())
-        shadows = [getattr(self, b) for b in self.names.values()]
-        currents = [params[n].detach().to(s.dtype) for n, s in zip(self.names, shadows, strict=True)]
+        shadows = [_local(getattr(self, b)) for b in self.names.values()]
+        currents = [_local(params[n].detach()).to(s.dtype) for n, s in zip(self.names, shadows, strict=True)]
         torch._foreach_lerp_(shadows, currents, 1.0 - decay)
+
+    @torch.no_grad()
+    def shard_like(self, model: nn.Module) -> None:
+        """Shard each shadow exactly as its (already sharded) parameter, keeping the shadow's values."""
+        params = dict(model.named_parameters())
+        for name, buffer_name in self.names.items():
+            p = params[name]
+            if isinstance(p, DTensor):
+                full = getattr(self, buffer_name).to(p.device)
+                self.register_buffer(buffer_name, distribute_tensor(full, p.device_mesh, p.placements))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())
         for name, buffer_name in self.names.items():
-            params[name].copy_(getattr(self, buffer_name))
+            _local(params[name]).copy_(_local(getattr(self, buffer_name)))
 
     @contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[None]:
         """The model holds the EMA weights inside the block, and its own weights again after it."""
         params = dict(model.named_parameters())
-        saved = {n: params[n].detach().clone() for n in self.names}
+        saved = {n: _local(params[n]).detach().clone() for n in self.names}
         self.copy_to(model)
         try:
             yield
         finally:
             with torch.no_grad():
                 for n, value in saved.items():
-                    params[n].copy_(value)
+                    _local(params[n]).copy_(value)
 
     def shadow_state(self) -> dict[str, Tensor]:
         return {b: getattr(self, b) for b in self.names.values()}

@@ -79,6 +79,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self.skipped_samples = 0  # data samples the loader dropped so far, all ranks together
         self._scale_measured = False
         self.stop_reason: str | None = None
+        self._sharded = False
         if init is not None:
             self._load_weights(init.without_ema().state_dict, init.source)
         if first_stage_ckpt:
@@ -115,9 +116,20 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
-        if self.model_ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            # The EMA shadows full tensors while FSDP shards the parameters they should follow.
-            raise ValueError("EMA is not supported with trainer=fsdp yet: add module.ema_decay=null")
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "Lightning's FSDPStrategy (FSDP1) is not supported: use trainer=fsdp, which shards with FSDP2"
+            )
+
+    def configure_model(self) -> None:
+        """Under trainer=fsdp (a device mesh is set), shard the UNet and its EMA; otherwise nothing."""
+        mesh = self.device_mesh
+        if mesh is None or self._sharded:
+            return
+        from ldm.lightning.fsdp import shard_latent_diffusion
+
+        shard_latent_diffusion(self, mesh["data_parallel"])
+        self._sharded = True
 
     def train(self, mode: bool = True) -> LatentDiffusion:
         # Whoever switches the module back to training (the sampling callbacks) leaves the frozen parts in eval.
