@@ -51,7 +51,13 @@ def latest_checkpoint(run_name: str, root: str = "outputs") -> str:
     return str(candidates[-1])
 
 
+def gpus_per_node(accelerator: str, devices: Any) -> Any:
+    """`${gpus_per_node:ACCELERATOR,DEVICES}` for the SLURM launcher: a CPU job asks SLURM for no GPUs."""
+    return None if str(accelerator) == "cpu" else devices
+
+
 OmegaConf.register_new_resolver("latest_ckpt", latest_checkpoint, replace=True)
+OmegaConf.register_new_resolver("gpus_per_node", gpus_per_node, replace=True)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, runs_root: Path) -> str | None:
