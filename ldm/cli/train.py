@@ -137,7 +137,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.save_checkpoint(path)
         raise NonFiniteLossError(f"stopped: {module.stop_reason}. Last good state: {path}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    log.info("finished at step %d: %s", trainer.global_step, metrics)
+    if trainer.is_global_zero:
+        log.info("finished at step %d: %s", trainer.global_step, metrics)
     return metrics
 
 
