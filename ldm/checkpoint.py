@@ -448,9 +448,14 @@ def _scheduler_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _model_index() -> dict[str, Any]:
+def _model_index(config: dict[str, Any]) -> dict[str, Any]:
+    latent = config["first_stage"]["embed_dim"]
+    inpainting = config["unet"]["in_channels"] == 2 * latent + 1  # z_t, mask, masked-image latents
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        # The format's version, not a dependency: the pipeline folder layout is unchanged since then,
+        # and diffusers reads this field (e.g. to warn about pre-0.6 inpainting folders).
+        "_diffusers_version": "0.30.0",
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -517,7 +522,7 @@ def save_diffusers_folder(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype
             write_clip_tokenizer(str(tmp / "tokenizer"), pad_token="!" if kind == "openclip" else "<|endoftext|>")
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(cfg), indent=2))
-        (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(cfg), indent=2))
         os.replace(tmp, dst)
     finally:
         if tmp.exists():

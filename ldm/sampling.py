@@ -1,4 +1,8 @@
-"""Text-to-image generation with a StableDiffusion model: seed → z_T → sampler(UNet ∘ CFG) → z_0 → image.
+"""Image generation with a StableDiffusion model: seed → z_T → sampler(UNet ∘ CFG) → z_0 → image.
+
+Text-to-image, and inpainting with a 9-channel UNet (SD inpainting checkpoints): the UNet also sees the
+mask and the latents of the image with the masked area blanked, concatenated to z_t, as in LDM's
+LatentInpaintDiffusion and diffusers' StableDiffusionInpaintPipeline (strength 1).
 
 Initial latents follow diffusers' convention, so the same weights, prompt, seed and sampler settings
 give the same image as its StableDiffusionPipeline: `torch.randn((n, C, H/f, W/f),
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from ldm.diffusion.samplers import SAMPLERS, classifier_free_guidance, sample
@@ -47,6 +53,51 @@ def initial_noise(
     return torch.randn((n, channels, height // factor, width // factor), generator=generator, dtype=torch.float32)
 
 
+def image_to_tensor(image: Image.Image, height: int, width: int) -> Tensor:
+    """A picture as a (1, 3, H, W) tensor in [-1, 1], resized (Lanczos) to width × height."""
+    image = image.convert("RGB").resize((width, height), resample=Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
+
+
+def mask_to_tensor(mask: Image.Image, height: int, width: int) -> Tensor:
+    """An inpainting mask as (1, 1, H, W) of 0 and 1: 1 (white, grey at least half) is repainted."""
+    mask = mask.convert("L").resize((width, height), resample=Image.Resampling.LANCZOS)
+    return (torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0) >= 0.5).float()[None, None]
+
+
+@torch.no_grad()
+def inpainting_condition(
+    model: StableDiffusion, image: Tensor, mask: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """The extra UNet input of an inpainting model, (1, 1 + C, H/f, W/f): the mask at latent size
+    (nearest) and the latents of the image with the masked area blanked (a posterior sample drawn from
+    `generator`, after the initial noise, as diffusers draws it). `image` in [-1, 1], `mask` in {0, 1}."""
+    if image.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} differ in size")
+    param = next(model.first_stage_model.parameters())
+    factor = model.downsampling_factor
+    small_mask = F.interpolate(mask.float(), size=(mask.shape[-2] // factor, mask.shape[-1] // factor))
+    masked = (image.float() * (mask < 0.5)).to(device=param.device, dtype=param.dtype)
+    latents = model.encode_images(masked, generator)
+    return torch.cat([small_mask.to(latents), latents], dim=1)
+
+
+def _check_channels(model: StableDiffusion, concat: Tensor | None) -> None:
+    expected = model.config["unet"]["in_channels"]
+    given = model.latent_channels + (0 if concat is None else concat.shape[1])
+    if given == expected:
+        return
+    if concat is None:
+        raise ValueError(
+            f"this UNet takes {expected} input channels, not the {model.latent_channels} latent channels: an "
+            "inpainting model (give image=PATH and mask=PATH) or another image-conditioned one"
+        )
+    raise ValueError(
+        f"this UNet takes {expected} input channels: it is not an inpainting model "
+        f"({model.latent_channels} latent + {concat.shape[1]} mask and image channels); drop image= and mask="
+    )
+
+
 @torch.no_grad()
 def generate(
     model: StableDiffusion,
@@ -58,20 +109,17 @@ def generate(
     width: int = 512,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
+    concat: Tensor | None = None,
     callback: Callable | None = None,
 ) -> Tensor:
     """Images in [0, 1], shape (len(prompts), 3, height, width).
 
     `noise` (unit Gaussian latents) may be given to pin z_T, e.g. for validation images during training;
-    otherwise it is drawn from `generator` (a CPU generator).
+    otherwise it is drawn from `generator` (a CPU generator). `concat` (1 or B, k, h, w) is appended to
+    z_t's channels at every step: `inpainting_condition(...)` for an inpainting UNet.
     """
     settings = settings or SamplerSettings()
-    if model.config["unet"]["in_channels"] != model.latent_channels:
-        raise ValueError(
-            f"this UNet takes {model.config['unet']['in_channels']} input channels (an inpainting or other "
-            "image-conditioned model); text-to-image sampling needs one with "
-            f"{model.latent_channels} (the latent channels)"
-        )
+    _check_channels(model, concat)
     param = next(model.model.parameters())
     device, dtype = param.device, param.dtype
     if generator is None:
@@ -83,7 +131,18 @@ def generate(
     noise = noise.to(device=device, dtype=dtype)
     context = model.encode_text(list(prompts)).to(dtype)
     uncond = model.encode_text([negative_prompt] * len(prompts)).to(dtype) if settings.guidance_scale != 1 else None
-    denoiser = classifier_free_guidance(model.apply_model, context, uncond, settings.guidance_scale)
+    network: Callable = model.apply_model
+    if concat is not None:
+        if concat.shape[-2:] != noise.shape[-2:]:
+            raise ValueError(f"concat {tuple(concat.shape[-2:])} does not match the latents {tuple(noise.shape[-2:])}")
+        extra = concat.to(device=device, dtype=dtype).expand(len(prompts), -1, -1, -1)
+        context = {"crossattn": context, "concat": extra}
+        uncond = None if uncond is None else {"crossattn": uncond, "concat": extra}
+
+        def network(x: Tensor, t: Tensor, c: dict[str, Tensor]) -> Tensor:
+            return model.apply_model(torch.cat([x, c["concat"]], dim=1), t, c["crossattn"])
+
+    denoiser = classifier_free_guidance(network, context, uncond, settings.guidance_scale)
     sched = model.config["schedule"]
     latents = sample(
         settings.sampler,

@@ -452,6 +452,14 @@ def test_resolution_the_model_cannot_take_fails_without_a_traceback(tmp_path: Pa
     assert "Traceback" not in result.stderr
 
 
+def test_an_inpainting_unet_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(Exception) as err:  # noqa: PT011 (Hydra wraps it; train.py shows user_error's)
+        train(compose_train(tmp_path, ["model.unet.in_channels=9", *BARE, *QUIET]))
+    shown = user_error(err.value)
+    assert shown is not None and "9 input channels" in str(shown) and "inpainting model" in str(shown)
+    assert not list(tmp_path.glob("runs/**/*.ckpt"))
+
+
 def test_unknown_override_is_refused(tmp_path: Path) -> None:
     result = cli("trainer.max_stepz=3", f"paths.root={tmp_path}/runs", cwd=tmp_path)
     assert result.returncode != 0

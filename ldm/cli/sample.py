@@ -4,6 +4,7 @@
     python sample.py ckpt=sd21-768.safetensors prediction_type=v_prediction height=768 width=768 prompt="..."
     python sample.py ckpt=out/diffusers prompt_file=prompts.txt num_images=4 \\
         "negative_prompt='blurry, low quality'"
+    python sample.py ckpt=sd15-inpainting.safetensors prompt="a red sofa" image=room.png mask=mask.png
 
 Writes numbered PNGs (prompt and settings in their text metadata) and a grid per prompt to `out_dir`.
 """
@@ -25,7 +26,16 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model
-from ldm.sampling import SamplerSettings, generate, image_grid, initial_noise, to_uint8
+from ldm.sampling import (
+    SamplerSettings,
+    generate,
+    image_grid,
+    image_to_tensor,
+    initial_noise,
+    inpainting_condition,
+    mask_to_tensor,
+    to_uint8,
+)
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -64,6 +74,25 @@ def _as_text(value: Any) -> str:
     if isinstance(value, (list, ListConfig)):
         return ", ".join(str(v) for v in value)
     return str(value)
+
+
+def read_picture(path: str, what: str) -> Image.Image:
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise UsageError(f"{what}={path} does not exist") from None
+    except OSError as err:
+        raise UsageError(f"{what}={path} is not an image PIL can read ({err})") from None
+
+
+def inpainting_inputs(cfg: DictConfig, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(image in [-1, 1], mask in {0, 1}) at the output size, or None for text-to-image."""
+    if cfg.image is None and cfg.mask is None:
+        return None
+    if cfg.image is None or cfg.mask is None:
+        raise UsageError("inpainting needs both image=PATH and mask=PATH (white = the area to repaint)")
+    image = image_to_tensor(read_picture(cfg.image, "image"), height, width)
+    return image, mask_to_tensor(read_picture(cfg.mask, "mask"), height, width)
 
 
 def png_metadata(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
@@ -113,6 +142,7 @@ def run(cfg: DictConfig) -> list[Path]:
     model.to(device=device, dtype=DTYPES[cfg.dtype])
     height = cfg.height or model.config["image_size"]
     width = cfg.width or model.config["image_size"]
+    inpaint = inpainting_inputs(cfg, height, width)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = next_index(out_dir)
@@ -123,6 +153,7 @@ def run(cfg: DictConfig) -> list[Path]:
         noise = initial_noise(
             cfg.num_images, model.latent_channels, height, width, model.downsampling_factor, generator
         )
+        concat = inpainting_condition(model, *inpaint, generator) if inpaint else None
         images = []
         for start in range(0, cfg.num_images, batch_size):
             chunk = noise[start : start + batch_size]
@@ -136,6 +167,7 @@ def run(cfg: DictConfig) -> list[Path]:
                 width=width,
                 generator=generator,
                 noise=chunk,
+                concat=concat,
                 callback=lambda *_, bar=bar: bar.update(),
             )
             bar.close()
@@ -150,6 +182,7 @@ def run(cfg: DictConfig) -> list[Path]:
             "height": height,
             "width": width,
             "checkpoint": str(cfg.ckpt),
+            **({"image": str(cfg.image), "mask": str(cfg.mask)} if inpaint else {}),
         }
         for i, image in enumerate(images):
             path = out_dir / f"{index:05d}.png"

@@ -62,6 +62,12 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         init = read_checkpoint(init_from, model.get("prediction_type")) if init_from else None
         config = normalize_config(init.config if init else model)
         super().__init__(**config, tokenizer_dir=init.tokenizer_dir if init else None)
+        if self.config["unet"]["in_channels"] != self.latent_channels:
+            raise ValueError(
+                f"the UNet takes {self.config['unet']['in_channels']} input channels, not the "
+                f"{self.latent_channels} latent channels (an inpainting model): training one needs masks "
+                "and masked images in the data, which is not supported yet; train a text-to-image model"
+            )
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         self.optimizer_factory = optimizer
