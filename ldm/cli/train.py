@@ -115,6 +115,27 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
+def check_cached_latents(datamodule: Any, module: Any) -> None:
+    """Latent shards must come from this model's autoencoder, at the configured resolution."""
+    if not getattr(datamodule, "latents", False) or not hasattr(module, "first_stage_model"):
+        return
+    from ldm.data.cache_latents import fingerprint, read_cache_info
+    from ldm.data.webdataset import expand_shard_specs
+
+    info = read_cache_info(expand_shard_specs(datamodule.train_shards))
+    if info is None:
+        log.warning("data.train_shards have no cache.json beside them: cannot check which autoencoder made them")
+        return
+    how = "re-run ldm-cache-latents with the checkpoint you train from (init_from or module.first_stage_ckpt)"
+    if info["first_stage_fingerprint"] != fingerprint(module.first_stage_model):
+        raise ConfigError(f"data.train_shards were cached with another autoencoder ({info['checkpoint']}); {how}")
+    if info["resolution"] != datamodule.resolution:
+        raise ConfigError(
+            f"data.train_shards were cached at resolution {info['resolution']}, data.resolution is "
+            f"{datamodule.resolution}: set data.resolution={info['resolution']} or cache again"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured module; returns the final logged metrics."""
     check_config(cfg)
@@ -128,6 +149,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = build_loggers(cfg)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    check_cached_latents(datamodule, module)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False, default_root_dir=str(output_dir)
     )

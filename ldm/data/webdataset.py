@@ -4,6 +4,8 @@
 
 Batches: `image` float32 Bx3xHxW in [-1, 1], `caption` list[str], `key` list[str] (sample keys),
 `skipped` dict reason -> count of samples dropped since the previous batch of the same worker.
+With `latents=True` (shards written by `ldm-cache-latents`) a batch holds `moments` (Bx2Cxhxw, the
+autoencoder's posterior mean and log-variance) instead of `image`.
 
 Shard specs: a brace pattern, a glob, a local path or folder of `.tar` files, a URL webdataset
 can open (`https://...`, `pipe:curl -s ...`), or a list of these. Local files are checked at
@@ -57,6 +59,7 @@ from ldm.data.transforms import resize_and_crop, to_tensor
 logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MOMENTS_KEY = "moments.npy"  # cached posterior moments, written by ldm.data.cache_latents
 WARN_INTERVAL_S = 60.0
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
 
@@ -168,6 +171,7 @@ class _StreamSpec:
     resampled: bool
     rank: int  # this process's share of the shards: rank::world_size
     world_size: int
+    latents: bool = False
 
 
 class _ShardStream(IterableDataset):
@@ -231,6 +235,8 @@ class _ShardStream(IterableDataset):
         caption = caption_from(raw, self.spec.caption_key)
         if caption is None:
             raise _SkipSample("no caption", f"(no {self.spec.caption_key!r}; keys {sorted(raw)})")
+        if self.spec.latents:
+            return {"moments": _moments(raw), "caption": caption, "key": raw["__key__"]}
         data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
         if data is None:
             raise _SkipSample("no image", f"(keys {sorted(raw)})")
@@ -248,9 +254,23 @@ class _ShardStream(IterableDataset):
         return {"image": to_tensor(rgb), "caption": caption, "key": raw["__key__"]}
 
 
+def _moments(raw: dict[str, Any]) -> torch.Tensor:
+    data = raw.get(MOMENTS_KEY)
+    if data is None:
+        raise _SkipSample("no latents", f"(no {MOMENTS_KEY!r}: not a shard of ldm-cache-latents; keys {sorted(raw)})")
+    try:
+        array = np.load(BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise _SkipSample("unreadable latents", f"({exc})") from exc
+    if array.ndim != 3:
+        raise _SkipSample("unreadable latents", f"(shape {array.shape}, expected channels x height x width)")
+    return torch.from_numpy(array.astype(np.float32, copy=False))
+
+
 def _collate(samples: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, Any]:
+    pixels = "moments" if "moments" in samples[0] else "image"
     batch = {
-        "image": torch.stack([s["image"] for s in samples]),
+        pixels: torch.stack([s[pixels] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "skipped": dict(skipped),
@@ -323,7 +343,7 @@ class ShardLoader:
         )
         for item in loader:
             self.skipped.update(item["skipped"])
-            if "image" in item:
+            if "key" in item:  # a batch (a trailing item holds only the skip counts)
                 yield item
 
 
@@ -345,6 +365,7 @@ class WebDataModule(lightning.LightningDataModule):
         resampled: bool = False,
         epoch_length: int | None = None,
         seed: int = 0,
+        latents: bool = False,
     ) -> None:
         super().__init__()
         if resolution <= 0 or resolution % 8:
@@ -365,6 +386,7 @@ class WebDataModule(lightning.LightningDataModule):
         self.random_crop, self.random_flip = random_crop, random_flip
         self.caption_key, self.min_size, self.shuffle_buffer = caption_key, min_size, shuffle_buffer
         self.resampled, self.epoch_length, self.seed = resampled, epoch_length, seed
+        self.latents = latents
         self.skipped_samples: Counter[str] = Counter()
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
@@ -401,6 +423,7 @@ class WebDataModule(lightning.LightningDataModule):
             resampled=self.resampled and train,
             rank=rank if train else 0,
             world_size=world_size if train else 1,
+            latents=self.latents,
         )
 
     def _rank_and_world_size(self) -> tuple[int, int]:

@@ -107,6 +107,8 @@ class AutoencoderTraining(L.LightningModule):
         return self.global_step if self.automatic_optimization else self.global_step // 2
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        if "image" not in batch:
+            raise ValueError("stage one trains the autoencoder on images: use image shards, not data=cached_latents")
         x = batch["image"]
         recon, posterior = self.first_stage_model(x, generator=self.generator)
         self._track_latents(posterior)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def image_batch_size(batch: dict[str, Any]) -> int:
-    return int(batch["image"].shape[0])
+    return int((batch["image"] if "image" in batch else batch["moments"]).shape[0])
 
 
 class SampleImages(L.Callback):

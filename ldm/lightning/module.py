@@ -3,7 +3,7 @@
 It *is* a StableDiffusion (same attributes, so the same LDM key names in its checkpoints) with the
 training step of DESIGN.md's data flow:
 
-    z0 = scale_factor · E(image)                  frozen first stage, eval mode, no grads
+    z0 = scale_factor · E(image)                  frozen first stage, eval mode, no grads (or cached moments)
     c  = text_encoder(caption, dropped w.p. p)    frozen unless train_text_encoder
     t, ε ~ generator seeded seed + global_rank    (so every GPU draws different noise)
     z_t = q_sample(z0, t, ε + offset_noise · ε')
@@ -30,6 +30,7 @@ from ldm.checkpoint import (
 )
 from ldm.lightning.ema import EMA
 from ldm.lightning.resume import start_next_epoch_fresh
+from ldm.models.autoencoder import DiagonalGaussianDistribution
 from ldm.models.stable_diffusion import StableDiffusion, normalize_config
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,12 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
     # -- training -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _latents(self, images: Tensor) -> Tensor:
-        z = self.first_stage_model.encode(images.to(self.dtype)).sample(self.generator)
+    def _latents(self, batch: dict[str, Any]) -> Tensor:
+        if "moments" in batch:  # cached by ldm-cache-latents: the encoder's output, sampled as below
+            posterior = DiagonalGaussianDistribution(batch["moments"].to(self.dtype))
+        else:
+            posterior = self.first_stage_model.encode(batch["image"].to(self.dtype))
+        z = posterior.sample(self.generator)
         if self.scale_by_std and not self._scale_measured:
             # LDM's rescaling: unit-variance latents from the first batch, agreed across ranks.
             std = self.trainer.strategy.reduce(z.float().std(), reduce_op="mean")
@@ -224,7 +229,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         return per_sample.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        z0 = self._latents(batch["image"])
+        z0 = self._latents(batch)
         captions = self._captions(batch["caption"])
         with torch.set_grad_enabled(self.train_text_encoder):
             context = self.encode_text(captions)
