@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import model_config, randomize_
-from test_train import BARE, QUIET, compose_train, load_ckpt
+from test_train import BARE, QUIET, _one_thread, compose_train, load_ckpt  # noqa: F401 (autouse fixture)
 
 from ldm.cli.train import ConfigError, train
 from ldm.data.cache_latents import cache_latents, main
@@ -17,14 +17,6 @@ from ldm.data.synthetic import ensure_demo_shards
 from ldm.models.autoencoder import AutoencoderKL
 
 STREAM = ["data.batch_size=4", "data.shuffle_buffer=16", "data.num_workers=0", "data.random_flip=false"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_autoencoder(path: Path, seed: int) -> Path:

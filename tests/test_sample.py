@@ -54,9 +54,14 @@ def write_pipeline(tmp_path: Path, name: str, seed: int = 0) -> Path:
     return write_model(tmp_path, name, seed)
 
 
-def diffusers_images(folder: Path, scheduler: str, steps: int, guidance: float, seed: int, size: int, n: int):
+def diffusers_images(
+    folder: Path, scheduler: str, steps: int, guidance: float, seed: int, size: int, n: int,
+    pipeline: str = "StableDiffusionPipeline", width: int | None = None, **inputs,
+):
+    """uint8 images from diffusers' `pipeline` loaded from `folder`, with `scheduler`; `inputs` go to
+    the call (e.g. image= and mask_image= for the inpainting pipeline)."""
     diffusers = pytest.importorskip("diffusers")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe = getattr(diffusers, pipeline).from_pretrained(str(folder), safety_checker=None)
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
@@ -66,9 +71,10 @@ def diffusers_images(folder: Path, scheduler: str, steps: int, guidance: float, 
         guidance_scale=guidance,
         generator=torch.Generator("cpu").manual_seed(seed),
         height=size,
-        width=size,
+        width=width or size,
         num_images_per_prompt=n,
         output_type="np",
+        **inputs,
     )
     return (out.images * 255).round().astype("uint8")
 
@@ -205,30 +211,15 @@ def test_inpainting_matches_diffusers_inpaint_pipeline(tmp_path, sampler, schedu
 
     The two draw from one generator in the same order (initial noise, then the masked image's
     posterior sample, then the sampler's noise), so euler_a checks the order too."""
-    diffusers = pytest.importorskip("diffusers")
     cfg = model_config("tiny")
     cfg["unet"]["in_channels"] = 9
     folder = tmp_path / "inpaint"
     save_checkpoint(checkpoint_from_model(randomize_(StableDiffusion.from_config(cfg), std=0.08, seed=seed)), folder)
     image, mask = write_inpainting_inputs(tmp_path, height, width)
-
-    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(str(folder), safety_checker=None)
-    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(
-        PROMPT,
-        image=Image.open(image),
-        mask_image=Image.open(mask),
-        negative_prompt=NEGATIVE,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        height=height,
-        width=width,
-        num_images_per_prompt=2,
-        output_type="np",
-    ).images
-    theirs = (theirs * 255).round().astype("uint8")
+    theirs = diffusers_images(
+        folder, scheduler, steps, guidance, seed, height, 2, pipeline="StableDiffusionInpaintPipeline",
+        width=width, image=Image.open(image), mask_image=Image.open(mask),
+    )
 
     def ours(mask_path: Path, out: str) -> np.ndarray:
         overrides = [
