@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
@@ -29,6 +30,7 @@ from safetensors.torch import load_file
 
 from ldm.checkpoint import checkpoint_from_model, ema_key_for, save_ldm_file
 from ldm.cli.train import ConfigError, missing_values, train, user_error
+from ldm.data.masks import random_masks
 from ldm.data.synthetic import ensure_demo_shards, random_sample
 from ldm.lightning.module import LatentDiffusion, NonFiniteLossError
 from ldm.models.stable_diffusion import StableDiffusion, normalize_config
@@ -242,10 +244,18 @@ def test_loss_falls_on_demo_shards(tmp_path: Path) -> None:
     assert last < 0.7 * first, f"loss went from {first:.3f} to {last:.3f}"
 
 
-@pytest.mark.parametrize("epoch_length", [None, 4])
-@pytest.mark.parametrize("cut_by", ["kill", "max_steps"])
+@pytest.mark.parametrize(
+    ("epoch_length", "cut_by", "model"),
+    [
+        (None, "kill", []),
+        (4, "kill", []),
+        (None, "max_steps", []),
+        (4, "max_steps", []),
+        (4, "kill", ["model.unet.in_channels=9"]),  # inpainting: its random masks resume too
+    ],
+)
 def test_resume_from_a_mid_run_checkpoint_continues_exactly(
-    tmp_path: Path, epoch_length: int | None, cut_by: str
+    tmp_path: Path, epoch_length: int | None, cut_by: str, model: list[str]
 ) -> None:
     """Stopping at step N and resuming gives bit-identical UNet, EMA and noise stream: whether the run
     was killed after its step-N checkpoint, or finished with max_steps=N and is trained on from its
@@ -264,6 +274,7 @@ def test_resume_from_a_mid_run_checkpoint_continues_exactly(
         "module.offset_noise=0.1",
         "data.num_samples=16",
         *([f"+data.epoch_length={epoch_length}"] if epoch_length else []),
+        *model,
         *BARE,
         *QUIET,
     ]
@@ -452,12 +463,60 @@ def test_resolution_the_model_cannot_take_fails_without_a_traceback(tmp_path: Pa
     assert "Traceback" not in result.stderr
 
 
-def test_an_inpainting_unet_is_refused_before_training(tmp_path: Path) -> None:
+def test_a_unet_of_unknown_input_channels_is_refused_before_training(tmp_path: Path) -> None:
     with pytest.raises(Exception) as err:  # noqa: PT011 (Hydra wraps it; train.py shows user_error's)
-        train(compose_train(tmp_path, ["model.unet.in_channels=9", *BARE, *QUIET]))
+        train(compose_train(tmp_path, ["model.unet.in_channels=8", *BARE, *QUIET]))
     shown = user_error(err.value)
-    assert shown is not None and "9 input channels" in str(shown) and "inpainting model" in str(shown)
+    assert shown is not None and "8 input channels" in str(shown) and "inpainting (9)" in str(shown)
     assert not list(tmp_path.glob("runs/**/*.ckpt"))
+
+
+def test_random_masks_are_boxes_or_whole_and_reproducible() -> None:
+    masks = random_masks(2000, 16, 24, torch.Generator().manual_seed(0), full_rate=0.25, max_boxes=3)
+    assert masks.shape == (2000, 1, 16, 24) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    cover = masks.mean(dim=(1, 2, 3))
+    assert abs((cover == 1).float().mean().item() - 0.25) < 0.04  # whole masks, at about full_rate
+    partial = cover[cover < 1]
+    # the rest: boxes of 10-80% of each side, 1 to 3 of them, never empty
+    assert partial.min() > 0 and partial.max() <= 1 and 0.1 < partial.mean() < 0.7
+    again = random_masks(2000, 16, 24, torch.Generator().manual_seed(0), full_rate=0.25, max_boxes=3)
+    assert torch.equal(masks, again)
+
+
+def test_inpainting_training_hides_the_masked_area_and_samples(tmp_path: Path) -> None:
+    """A 9-channel model trains on random masks: what the UNet sees of the image is only the unmasked part,
+    and the trained checkpoint inpaints with sample.py."""
+    from test_sample import sample_config, write_inpainting_inputs
+
+    from ldm.cli.sample import run
+
+    overrides = ["model.unet.in_channels=9", "trainer.max_steps=3", *BARE, *QUIET]
+    cfg = compose_train(tmp_path, [*overrides, "module.mask_full_rate=1.0"])
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("_target_")
+    module = instantiate(cfg.module, model=model_cfg, _convert_="all")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    other = images.clone()
+    other[1] = -images[1]  # another picture in the second sample
+    z0 = torch.zeros(2, 4, 8, 8)
+
+    def condition(x: torch.Tensor, full_rate: float) -> torch.Tensor:
+        module.mask_full_rate = full_rate
+        module._generator = None  # the same draws each time
+        return module._inpainting_condition({"image": x}, z0)
+
+    whole = [condition(x, 1.0) for x in (images, other)]
+    assert whole[0].shape == (2, 5, 8, 8) and (whole[0][:, 0] == 1).all()
+    assert torch.equal(whole[0], whole[1]), "the UNet saw the picture under a whole mask"
+    boxes = [condition(x, 0.0) for x in (images, other)]
+    assert (boxes[0][:, 0] == 0).any() and not torch.equal(boxes[0][1, 1:], boxes[1][1, 1:])
+
+    train(compose_train(tmp_path, overrides))
+    image, mask = write_inpainting_inputs(tmp_path, 32, 32)
+    ckpt = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    sampled = run(sample_config([f"ckpt={ckpt}", "prompt=a red circle", f"image={image}", f"mask={mask}",
+                                 "steps=2", f"out_dir={tmp_path / 'inpainted'}", "device=cpu"]))
+    assert Image.open(sampled[0]).size == (32, 32)
 
 
 def test_unknown_override_is_refused(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ Lightning's ThroughputMonitor."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from ldm.sampling import SamplerSettings, generate, image_grid, initial_noise, to_uint8
+from ldm.sampling import SamplerSettings, generate, image_grid, initial_noise, inpainting_condition, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,18 @@ class SampleImages(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
+            concat = None
+            if getattr(pl_module, "inpainting", False):
+                # an inpainting model asked for the whole picture: everything masked, nothing to keep
+                blank = torch.zeros(1, 3, resolution, resolution, device=pl_module.device)
+                concat = inpainting_condition(pl_module, blank, torch.ones_like(blank[:, :1]), generator)
+            run = partial(generate, pl_module, self.prompts, "", self.settings, generator=generator, noise=noise,
+                          concat=concat)
             if self.use_ema and getattr(pl_module, "model_ema", None) is not None:
                 with pl_module.model_ema.swapped_into(pl_module.model):
-                    images = generate(pl_module, self.prompts, "", self.settings, generator=generator, noise=noise)
+                    images = run()
             else:
-                images = generate(pl_module, self.prompts, "", self.settings, generator=generator, noise=noise)
+                images = run()
         finally:
             pl_module.train(was_training)
         return to_uint8(images)

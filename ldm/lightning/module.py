@@ -28,6 +28,7 @@ from ldm.checkpoint import (
     CheckpointError,
     read_checkpoint,
 )
+from ldm.data.masks import random_masks
 from ldm.lightning.ema import EMA
 from ldm.lightning.resume import start_next_epoch_fresh
 from ldm.models.autoencoder import DiagonalGaussianDistribution
@@ -57,18 +58,25 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         first_stage_ckpt: str | None = None,
         scale_by_std: bool = False,
         max_nonfinite_steps: int = 10,
+        mask_full_rate: float = 0.25,
     ):
         model = dict(model)
         model.pop("_target_", None)
         init = read_checkpoint(init_from, model.get("prediction_type")) if init_from else None
         config = normalize_config(init.config if init else model)
         super().__init__(**config, tokenizer_dir=init.tokenizer_dir if init else None)
-        if self.config["unet"]["in_channels"] != self.latent_channels:
+        in_channels = self.config["unet"]["in_channels"]
+        # An inpainting UNet also sees the mask and the masked image's latents (SD 1.5/2 inpainting).
+        self.inpainting = in_channels == 2 * self.latent_channels + 1
+        if in_channels != self.latent_channels and not self.inpainting:
             raise ValueError(
-                f"the UNet takes {self.config['unet']['in_channels']} input channels, not the "
-                f"{self.latent_channels} latent channels (an inpainting model): training one needs masks "
-                "and masked images in the data, which is not supported yet; train a text-to-image model"
+                f"the UNet takes {in_channels} input channels: neither text-to-image ({self.latent_channels}, "
+                f"the latent channels) nor inpainting ({2 * self.latent_channels + 1}); other image-conditioned "
+                "models are not supported yet"
             )
+        if not 0.0 <= mask_full_rate <= 1.0:
+            raise ValueError(f"mask_full_rate must be in [0, 1], got {mask_full_rate}")
+        self.mask_full_rate = mask_full_rate
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         self.optimizer_factory = optimizer
@@ -213,7 +221,26 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         keep = torch.rand(len(captions), generator=self.generator, device=self.device) >= self.caption_dropout
         return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
 
-    def diffusion_loss(self, z0: Tensor, context: Tensor) -> Tensor:
+    @torch.no_grad()
+    def _inpainting_condition(self, batch: dict[str, Any], z0: Tensor) -> Tensor:
+        """What an inpainting UNet sees besides z_t: a random mask at latent size and the latents of
+        the image with the masked area blanked (LDM's LatentInpaintDiffusion)."""
+        if "image" not in batch:
+            raise ValueError(
+                "an inpainting model encodes the masked image at every step: train it on image shards, "
+                "not data=cached_latents"
+            )
+        images = batch["image"].to(self.dtype)
+        masks = random_masks(len(images), *images.shape[-2:], self.generator, self.mask_full_rate).to(images)
+        masked = self.first_stage_model.encode(images * (1 - masks)).sample(self.generator)
+        return torch.cat([F.interpolate(masks, size=z0.shape[-2:]), self.scale_factor * masked], dim=1)
+
+    def _network(self, z_t: Tensor, t: Tensor, context: Tensor | dict[str, Tensor]) -> Tensor:
+        if isinstance(context, dict):  # {"crossattn": ..., "concat": ...}: concat joins z_t's channels
+            return self.apply_model(torch.cat([z_t, context["concat"]], dim=1), t, context["crossattn"])
+        return self.apply_model(z_t, t, context)
+
+    def diffusion_loss(self, z0: Tensor, context: Tensor | dict[str, Tensor]) -> Tensor:
         g = self.generator
         t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), generator=g, device=self.device)
         noise = torch.randn(z0.shape, generator=g, device=self.device, dtype=z0.dtype)
@@ -222,7 +249,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             noise = noise + self.offset_noise * offset
         z_t = self.schedule.q_sample(z0, t, noise)
         target = self.schedule.target(z0, noise, t, self.prediction_type)
-        pred = self.apply_model(z_t, t, context)
+        pred = self._network(z_t, t, context)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.min_snr_gamma:
             per_sample = per_sample * self.schedule.min_snr_weight(t, self.min_snr_gamma, self.prediction_type)
@@ -230,10 +257,11 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         z0 = self._latents(batch)
+        concat = self._inpainting_condition(batch, z0) if self.inpainting else None
         captions = self._captions(batch["caption"])
         with torch.set_grad_enabled(self.train_text_encoder):
             context = self.encode_text(captions)
-        loss = self.diffusion_loss(z0, context)
+        loss = self.diffusion_loss(z0, context if concat is None else {"crossattn": context, "concat": concat})
         nonfinite, skipped = self._sum_over_ranks(
             float(not torch.isfinite(loss)), sum((batch.get("skipped") or {}).values())
         )
