@@ -7,6 +7,7 @@ training step of DESIGN.md's data flow:
     c  = text_encoder(caption, dropped w.p. p)    frozen unless train_text_encoder
     t, ε ~ generator seeded seed + global_rank    (so every GPU draws different noise)
     z_t = q_sample(z0, t, ε + offset_noise · ε')
+    inpainting UNets (9 channels) also see [mask, scale_factor · E(image · (1 - mask))], random masks
     loss = mean(w(t) · |unet(z_t, t, c) - target|²),  target ε or v,  w = min-SNR-γ or 1
     EMA update of the UNet after each optimizer step (LDM's `model_ema.*`)
 """
