@@ -482,6 +482,10 @@ def save_diffusers_folder(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype
     cfg = ckpt.config
     kind = cfg["cond_stage"]["kind"]
     text_cfg = {k: v for k, v in cfg["cond_stage"].items() if k != "kind"}
+    text_sd = _strip(ckpt.state_dict, TEXT_PREFIX)
+    # The tower's configured output layer decides which blocks diffusers gets, as it decides the
+    # config.json's layer count (guessing it from the weights breaks `layer="last"` towers).
+    layer = text_cfg.get("layer", "penultimate") if kind == "openclip" else None
     parts = {
         "unet": (
             unet_config_to_diffusers(cfg["unet"], sample_size=cfg["image_size"] // downsampling_factor(cfg["first_stage"])),
@@ -493,13 +497,12 @@ def save_diffusers_folder(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype
         ),
         "text_encoder": (
             text_config_to_diffusers(kind, text_cfg),
-            text_to_diffusers(_strip(ckpt.state_dict, TEXT_PREFIX), kind),
+            text_to_diffusers(text_sd, kind, layer),
         ),
     }
-    text_sd = _strip(ckpt.state_dict, TEXT_PREFIX)
     aside = dict(ckpt.extras)
     if kind == "openclip":
-        aside.update({TEXT_PREFIX + k: text_sd[k] for k in openclip_keys_dropped_in_diffusers(text_sd)})
+        aside.update({TEXT_PREFIX + k: text_sd[k] for k in openclip_keys_dropped_in_diffusers(text_sd, layer)})
     aside.update({k: ckpt.state_dict[k] for k in EMA_BOOKKEEPING if k in ckpt.state_dict})
     if ckpt.has_ema():
         ema_unet = _strip(ckpt.with_ema_weights().state_dict, UNET_PREFIX)

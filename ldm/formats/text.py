@@ -19,6 +19,7 @@ uses (`layer="last"`); one with it is an SD 2.x-style tower (`layer="penultimate
 from __future__ import annotations
 
 import inspect
+import math
 import re
 
 import torch
@@ -125,21 +126,20 @@ def text_config_to_diffusers(kind: str, cfg: dict) -> dict:
 def text_config_from_diffusers(dcfg: dict) -> tuple[str, dict]:
     """diffusers `text_encoder/config.json` -> (kind, our embedder kwargs).
 
-    OpenAI CLIP (SD 1.x) uses quick_gelu, OpenCLIP (SD 2.x) gelu: that tells the kinds apart.
+    OpenAI CLIP (SD 1.x) uses quick_gelu, OpenCLIP (SD 2.x) gelu: that tells the kinds apart in
+    published folders. A gelu config is CLIP all the same when OpenCLIP could not hold it (MLP
+    not 4x wide) or when it pads with `<eot>` (`pad_token_id == eos_token_id`): SD 1.x's padding,
+    which `text_config_to_diffusers` writes for every CLIP and never for OpenCLIP (pads with 0).
     An OpenCLIP tower from diffusers has already lost SD's unused last block, so it maps to
     `layers=num_hidden_layers, layer="last", projection=False`.
     """
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if k not in dcfg]
     if missing:
         raise ValueError(f"text_encoder config lacks {missing}; is it a CLIPTextConfig?")
-    if dcfg.get("hidden_act", CLIP_VIT_L_TEXT_CONFIG["hidden_act"]) != "gelu":
+    if not _is_openclip(dcfg):
         arch = {k: dcfg[k] for k in CLIP_VIT_L_TEXT_CONFIG if k in dcfg}
         return "clip", {"config": arch}
     width = dcfg["hidden_size"]
-    if dcfg.get("intermediate_size", 4 * width) != 4 * width:
-        raise ValueError(
-            f"OpenCLIP needs intermediate_size = 4 * hidden_size, got {dcfg['intermediate_size']}"
-        )
     return "openclip", {
         "width": width,
         "heads": dcfg["num_attention_heads"],
@@ -153,10 +153,21 @@ def text_config_from_diffusers(dcfg: dict) -> tuple[str, dict]:
     }
 
 
+def _is_openclip(dcfg: dict) -> bool:
+    width = dcfg["hidden_size"]
+    pads_with_eot = "pad_token_id" in dcfg and dcfg["pad_token_id"] == dcfg.get("eos_token_id")
+    return (
+        dcfg.get("hidden_act", CLIP_VIT_L_TEXT_CONFIG["hidden_act"]) == "gelu"
+        and dcfg.get("intermediate_size", 4 * width) == 4 * width
+        and not pads_with_eot
+    )
+
+
 def text_config_from_state_dict(sd: dict) -> tuple[str, dict]:
     """(kind, our embedder kwargs) from LDM text-encoder names/shapes (no `cond_stage_model.`).
 
-    Heads are not in the weights: CLIP's convention of 64-wide heads is assumed. CLIP's
+    Heads are not in the weights: CLIP's convention of 64-wide heads is assumed (narrower ones,
+    gcd(64, width), for widths that 64 does not divide; any count fits the shapes). CLIP's
     activation is not either: quick_gelu, as in every OpenAI CLIP. OpenCLIP's output layer
     follows the module doc's rule (penultimate unless the weights came from diffusers).
     """
@@ -303,11 +314,8 @@ def _count_blocks(sd: dict, pattern: re.Pattern) -> int:
 
 
 def _heads(width: int) -> int:
-    if width % 64:
-        raise ValueError(
-            f"cannot infer attention heads: width {width} is not a multiple of CLIP's 64-wide heads"
-        )
-    return width // 64
+    # Small custom towers (width 32, 96, ...) still load: the widest heads up to 64 that fit.
+    return width // math.gcd(64, width)
 
 
 def _require(sd: dict, key: str) -> torch.Tensor:

@@ -24,6 +24,7 @@ for SD1's fixed 8 heads, a per-level list for SD2's 64-channel heads); it is map
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -114,6 +115,7 @@ _LDM_PREFIX = "model.diffusion_model."
 
 def unet_to_diffusers(sd: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> dict[str, Tensor]:
     """LDM-named UNet weights -> `UNet2DConditionModel` names (the tensors themselves, not copies)."""
+    unet_config_to_diffusers(cfg)  # raises if diffusers cannot express this UNet
     key_map, shapes = _layout(cfg)
     _check_fits(sd, shapes, "LDM")
     return {key_map[k]: v for k, v in sd.items()}
@@ -125,6 +127,7 @@ def unet_from_diffusers(sd: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> dic
     `proj_in`/`proj_out` weights stored as the other kind of projection (1x1 conv vs linear) are
     reshaped to the kind `cfg` asks for.
     """
+    unet_config_to_diffusers(cfg)
     key_map, shapes = _layout(cfg)
     expected = {key_map[k]: shape for k, shape in shapes.items()}
     fitted = {k: _as_projection(k, v, expected[k]) if k in expected else v for k, v in sd.items()}
@@ -237,6 +240,10 @@ def unet_config_to_diffusers(cfg: Mapping[str, Any], sample_size: int = 64) -> d
     c = _canonical(cfg)
     if c["context_dim"] is None:
         raise ValueError("diffusers' cross-attention blocks need context_dim")
+    if c["channel_mult"][0] != 1:
+        raise ValueError(
+            f"channel_mult[0]={c['channel_mult'][0]}: diffusers' first level is as wide as conv_in (needs 1)"
+        )
     widths = [c["model_channels"] * m for m in c["channel_mult"]]
     attends = [2**level in c["attention_resolutions"] for level in range(len(widths))]
     dcfg: dict[str, Any] = {
@@ -308,7 +315,9 @@ def unet_config_from_state_dict(
     """Infer UNetModel kwargs from the shapes of LDM-named UNet weights.
 
     Weights do not record heads; absent an override, the SD convention applies: linear
-    `proj_in` (SD2) -> `num_head_channels=64`, 1x1-conv `proj_in` (SD1) -> `num_heads=8`.
+    `proj_in` (SD2) -> `num_head_channels=64`, 1x1-conv `proj_in` (SD1) -> `num_heads=8`. Where 64
+    does not divide a transformer's width (small models), heads of gcd(64, widths) channels
+    keep the shapes fitting.
     Raises ValueError, listing the offending keys, if the weights do not form such a UNet.
     """
     if "input_blocks.0.0.weight" not in sd or "out.2.weight" not in sd:
@@ -322,7 +331,10 @@ def unet_config_from_state_dict(
     middle_depth = _count_transformer_blocks(sd, "middle_block.1.")
     linear = sd["middle_block.1.proj_in.weight"].ndim == 2
     if num_heads is None and num_head_channels is None:
-        num_heads, num_head_channels = (-1, 64) if linear else (8, -1)
+        # Transformer widths: the attention levels and the middle block (the last level's width).
+        widths = [model_channels * lv["mult"] for lv in levels if lv["depth"]]
+        head_width = math.gcd(64, model_channels * levels[-1]["mult"], *widths)
+        num_heads, num_head_channels = (-1, head_width) if linear else (8, -1)
     cfg: dict[str, Any] = {
         "in_channels": in_channels,
         "out_channels": sd["out.2.weight"].shape[0],

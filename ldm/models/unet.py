@@ -283,6 +283,11 @@ class UNetModel(nn.Module):
         def attention(ch: int, depth: int) -> SpatialTransformer:
             heads = num_heads if num_head_channels == -1 else ch // num_head_channels
             dim_head = ch // num_heads if num_head_channels == -1 else num_head_channels
+            if heads < 1 or dim_head < 1:
+                raise ValueError(
+                    f"{ch} channels do not split into heads"
+                    f" (num_heads={num_heads}, num_head_channels={num_head_channels})"
+                )
             return SpatialTransformer(
                 ch, heads, dim_head, depth, context_dim, use_linear_in_transformer, dropout
             )
@@ -336,8 +341,10 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
+        # `ch` is the first level's width; LDM wrote model_channels here, which breaks (only) the
+        # forward of models whose channel_mult[0] != 1. The two agree for every SD model.
         self.out = nn.Sequential(
-            GroupNorm32(32, ch), nn.SiLU(), _zero(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+            GroupNorm32(32, ch), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
