@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ldm.checkpoint import checkpoint_from_model, ema_key_for, save_ldm_file
-from ldm.cli.train import ConfigError, missing_values, train, user_error
+from ldm.cli.train import ConfigError, missing_values, resolve_ckpt_path, train, user_error
 from ldm.data.masks import random_masks
 from ldm.data.synthetic import ensure_demo_shards, random_sample
 from ldm.lightning.module import LatentDiffusion, NonFiniteLossError
@@ -517,6 +517,24 @@ def test_inpainting_training_hides_the_masked_area_and_samples(tmp_path: Path) -
     sampled = run(sample_config([f"ckpt={ckpt}", "prompt=a red circle", f"image={image}", f"mask={mask}",
                                  "steps=2", f"out_dir={tmp_path / 'inpainted'}", "device=cpu"]))
     assert Image.open(sampled[0]).size == (32, 32)
+
+
+def test_ckpt_path_last_finds_single_runs_and_multirun_jobs(tmp_path: Path) -> None:
+    """Runs launched with -m (SLURM) live in multirun-<time>/<job>/; `last` looks there too, from either kind."""
+    root = tmp_path / "runs" / "default"
+    single = root / "2026-01-01_00-00-00" / "checkpoints" / "last.ckpt"
+    job = root / "multirun-2026-01-02_00-00-00" / "0" / "checkpoints" / "last.ckpt"
+    for age, path in ((2, single), (1, job)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+        os.utime(path, (time.time() - 60 * age, time.time() - 60 * age))
+    new_single = root / "2026-01-03_00-00-00"
+    new_job = root / "multirun-2026-01-03_00-00-00" / "0"
+    assert resolve_ckpt_path("last", new_single) == resolve_ckpt_path("last", new_job) == str(job)
+    os.utime(single)  # now the newest
+    assert resolve_ckpt_path("last", new_job) == str(single)
+    with pytest.raises(ConfigError, match="ckpt_path=last: no checkpoints"):
+        resolve_ckpt_path("last", tmp_path / "elsewhere" / "run")
 
 
 def test_unknown_override_is_refused(tmp_path: Path) -> None:

@@ -40,15 +40,22 @@ class ConfigError(ValueError):
     """A training config that cannot run; raised before any training starts."""
 
 
+def newest_last_checkpoint(run_root: Path) -> Path | None:
+    """The newest `last.ckpt` among the runs of one run_name: single runs (`<time>/`) and the jobs of
+    multiruns, such as SLURM launches (`multirun-<time>/<job>/`)."""
+    found = [*run_root.glob("*/checkpoints/last.ckpt"), *run_root.glob("multirun-*/*/checkpoints/last.ckpt")]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def latest_checkpoint(run_name: str, root: str = "outputs") -> str:
     """`${latest_ckpt:RUN}` in a config: the newest `last.ckpt` of an earlier run, e.g. a trained autoencoder."""
-    candidates = sorted(Path(root).glob(f"{run_name}/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
+    newest = newest_last_checkpoint(Path(root) / run_name)
+    if newest is None:
         raise ConfigError(
             f"no checkpoint of run {run_name!r} under {root}/{run_name}/*/checkpoints/last.ckpt; "
             f"train it first (python train.py experiment={run_name}) or give the path explicitly"
         )
-    return str(candidates[-1])
+    return str(newest)
 
 
 def gpus_per_node(accelerator: str, devices: Any) -> Any:
@@ -60,15 +67,19 @@ OmegaConf.register_new_resolver("latest_ckpt", latest_checkpoint, replace=True)
 OmegaConf.register_new_resolver("gpus_per_node", gpus_per_node, replace=True)
 
 
-def resolve_ckpt_path(ckpt_path: str | None, runs_root: Path) -> str | None:
-    """`last` means the newest `checkpoints/last.ckpt` among this run_name's runs."""
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """`last` means the newest `checkpoints/last.ckpt` among this run_name's runs (the folders beside
+    this run's `output_dir`, or beside its multirun's)."""
     if ckpt_path in (None, ""):
         return None
     if ckpt_path == "last":
-        candidates = sorted(runs_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
+        runs_root = output_dir.parent
+        if runs_root.name.startswith("multirun-"):
+            runs_root = runs_root.parent
+        newest = newest_last_checkpoint(runs_root)
+        if newest is None:
             raise ConfigError(f"ckpt_path=last: no checkpoints/last.ckpt under {runs_root}/*; start without ckpt_path")
-        return str(candidates[-1])
+        return str(newest)
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
     return ckpt_path
@@ -141,7 +152,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir.parent)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     datamodule = instantiate(cfg.data)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("_target_", None)
