@@ -29,7 +29,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ldm.checkpoint import checkpoint_from_model, ema_key_for, save_ldm_file
-from ldm.cli.train import ConfigError, missing_values, resolve_ckpt_path, train, user_error
+from ldm.cli.train import (
+    ConfigError,
+    missing_values,
+    requeued_resume_path,
+    resolve_ckpt_path,
+    train,
+    user_error,
+)
 from ldm.data.masks import random_masks
 from ldm.data.synthetic import ensure_demo_shards, random_sample
 from ldm.lightning.module import LatentDiffusion, NonFiniteLossError
@@ -535,6 +542,23 @@ def test_ckpt_path_last_finds_single_runs_and_multirun_jobs(tmp_path: Path) -> N
     assert resolve_ckpt_path("last", new_job) == str(single)
     with pytest.raises(ConfigError, match="ckpt_path=last: no checkpoints"):
         resolve_ckpt_path("last", tmp_path / "elsewhere" / "run")
+
+
+def test_a_requeued_slurm_job_resumes_from_its_own_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SLURM sets SLURM_RESTART_COUNT when it runs a requeued job again (in the same run folder)."""
+    common = ["trainer.log_every_n_steps=1", *BARE, *QUIET]
+    train(compose_train(tmp_path, ["trainer.max_steps=2", *common]))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    train(compose_train(tmp_path, ["trainer.max_steps=3", *common]))
+    assert load_ckpt(run_dir(tmp_path) / "checkpoints" / "last.ckpt")["global_step"] == 3
+    # the second attempt trained one step, from the first attempt's step 2
+    (second,) = [p for p in run_dir(tmp_path).glob("csv/version_*/metrics.csv") if p.parent.name != "version_0"]
+    with second.open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")] == [2]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a first attempt never resumes on its own
+    assert requeued_resume_path(run_dir(tmp_path)) is None
 
 
 def test_unknown_override_is_refused(tmp_path: Path) -> None:

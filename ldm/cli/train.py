@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -85,6 +86,17 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
+def requeued_resume_path(output_dir: Path) -> str | None:
+    """A job SLURM requeued (after a time limit or a preemption) runs again in its own run folder: it
+    picks up from the last.ckpt it wrote there instead of starting over."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if restarts < 1 or not last.is_file():
+        return None
+    log.warning("SLURM restart %d of this job: resuming from %s", restarts, last)
+    return str(last)
+
+
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
 
@@ -152,7 +164,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) or requeued_resume_path(output_dir)
     datamodule = instantiate(cfg.data)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("_target_", None)
