@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -98,6 +99,11 @@ def _check_channels(model: StableDiffusion, concat: Tensor | None) -> None:
     )
 
 
+def apply_with_concat(model: StableDiffusion, x: Tensor, t: Tensor, context: dict[str, Tensor]) -> Tensor:
+    """The UNet on z_t with `context["concat"]` joined to its channels (z_t first, as LDM and diffusers)."""
+    return model.apply_model(torch.cat([x, context["concat"]], dim=1), t, context["crossattn"])
+
+
 @torch.no_grad()
 def generate(
     model: StableDiffusion,
@@ -138,10 +144,7 @@ def generate(
         extra = concat.to(device=device, dtype=dtype).expand(len(prompts), -1, -1, -1)
         context = {"crossattn": context, "concat": extra}
         uncond = None if uncond is None else {"crossattn": uncond, "concat": extra}
-
-        def network(x: Tensor, t: Tensor, c: dict[str, Tensor]) -> Tensor:
-            return model.apply_model(torch.cat([x, c["concat"]], dim=1), t, c["crossattn"])
-
+        network = partial(apply_with_concat, model)
     denoiser = classifier_free_guidance(network, context, uncond, settings.guidance_scale)
     sched = model.config["schedule"]
     latents = sample(

@@ -34,6 +34,7 @@ from ldm.lightning.ema import EMA
 from ldm.lightning.resume import start_next_epoch_fresh
 from ldm.models.autoencoder import DiagonalGaussianDistribution
 from ldm.models.stable_diffusion import StableDiffusion, normalize_config
+from ldm.sampling import apply_with_concat
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
 
     def _network(self, z_t: Tensor, t: Tensor, context: Tensor | dict[str, Tensor]) -> Tensor:
         if isinstance(context, dict):  # {"crossattn": ..., "concat": ...}: concat joins z_t's channels
-            return self.apply_model(torch.cat([z_t, context["concat"]], dim=1), t, context["crossattn"])
+            return apply_with_concat(self, z_t, t, context)
         return self.apply_model(z_t, t, context)
 
     def diffusion_loss(self, z0: Tensor, context: Tensor | dict[str, Tensor]) -> Tensor:
