@@ -62,6 +62,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 EMA_PREFIX = "model_ema."
+# Our beta schedule names that diffusers' scheduler configs spell otherwise.
+DIFFUSERS_BETA_SCHEDULE = {"cosine": "squaredcos_cap_v2"}
 
 # Derived buffers that original LDM files carry: recomputed from the config, so dropped on load.
 SCHEDULE_BUFFERS = frozenset(
@@ -307,7 +309,7 @@ def read_diffusers_folder(path: str | Path, prediction_type: str | None = None) 
         sched = json.loads(sched_path.read_text())
         config["prediction_type"] = sched.get("prediction_type", "epsilon")
         config["schedule"] = {
-            "beta_schedule": sched.get("beta_schedule", DEFAULT_SCHEDULE["beta_schedule"]),
+            "beta_schedule": _our_beta_schedule(sched.get("beta_schedule", DEFAULT_SCHEDULE["beta_schedule"])),
             "linear_start": sched.get("beta_start", DEFAULT_SCHEDULE["linear_start"]),
             "linear_end": sched.get("beta_end", DEFAULT_SCHEDULE["linear_end"]),
             "num_train_timesteps": sched.get("num_train_timesteps", DEFAULT_SCHEDULE["num_train_timesteps"]),
@@ -430,11 +432,15 @@ def save_ldm_file(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None 
         raise CheckpointError(f"{path}: unknown output type; use .safetensors or .ckpt, or a folder for diffusers")
 
 
+def _our_beta_schedule(name: str) -> str:
+    return {v: k for k, v in DIFFUSERS_BETA_SCHEDULE.items()}.get(name, name)
+
+
 def _scheduler_config(config: dict[str, Any]) -> dict[str, Any]:
     sched = config["schedule"]
     return {
         "_class_name": "PNDMScheduler",
-        "beta_schedule": sched["beta_schedule"],
+        "beta_schedule": DIFFUSERS_BETA_SCHEDULE.get(sched["beta_schedule"], sched["beta_schedule"]),
         "beta_start": sched["linear_start"],
         "beta_end": sched["linear_end"],
         "num_train_timesteps": sched["num_train_timesteps"],
