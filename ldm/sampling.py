@@ -136,7 +136,7 @@ def generate(
         )
     noise = noise.to(device=device, dtype=dtype)
     context = model.encode_text(list(prompts)).to(dtype)
-    uncond = model.encode_text([negative_prompt] * len(prompts)).to(dtype) if settings.guidance_scale != 1 else None
+    uncond = model.encode_text([negative_prompt] * len(prompts)).to(dtype) if settings.guidance_scale > 1 else None
     network: Callable = model.apply_model
     if concat is not None:
         if concat.shape[-2:] != noise.shape[-2:]:

@@ -204,10 +204,11 @@ def test_classifier_free_guidance(as_dict: bool) -> None:
     out_c, out_u = model(x, t, wrap(cond)), model(x, t, wrap(uncond))
     torch.testing.assert_close(guided, out_u + 7.5 * (out_c - out_u))
 
-    model = RecordingModel()
-    plain = classifier_free_guidance(model, wrap(cond), None, 1.0)(x, t)
-    assert model.batch_sizes == [2]  # no unconditional pass at scale 1
-    torch.testing.assert_close(plain, out_c)
+    for scale in (1.0, 0.5, 0.0):  # diffusers guides only above 1: at or below, the conditional output
+        model = RecordingModel()
+        plain = classifier_free_guidance(model, wrap(cond), None, scale)(x, t)
+        assert model.batch_sizes == [2]  # no unconditional pass
+        torch.testing.assert_close(plain, out_c)
 
 
 def test_classifier_free_guidance_rejects_missing_uncond() -> None:

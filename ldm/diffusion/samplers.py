@@ -466,10 +466,11 @@ def classifier_free_guidance(
     `model(x, t, context)` is the conditional network; `context` is a tensor (e.g. the cross-attention
     embeddings, B×77×D) or a dict of tensors (e.g. {"crossattn": ..., "concat": ...}), batched along
     dim 0 like x. The returned model_fn(x, t) = out_u + g·(out_c - out_u), with the unconditional and
-    conditional passes in one call on the batch [uncond; cond] as diffusers does; for g = 1 only the
-    conditional pass runs (and `uncond` may be None).
+    conditional passes in one call on the batch [uncond; cond] as diffusers does. For g <= 1 only the
+    conditional pass runs (and `uncond` may be None), as in diffusers' pipelines, which guide only
+    above 1 (the original LDM scripts guide at any g != 1).
     """
-    if guidance_scale == 1:
+    if guidance_scale <= 1:
         return lambda x, t: model(x, t, cond)
     if uncond is None:
         raise ValueError(f"guidance_scale {guidance_scale} needs an unconditional context; got None")
