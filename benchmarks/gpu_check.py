@@ -24,6 +24,9 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ldm.checkpoint import read_tensor_file  # noqa: E402 (after the path the line above sets)
 
 TINY = [
     "data.num_samples=64",
@@ -46,7 +49,7 @@ def run(args: list[str], cwd: Path) -> tuple[int, float, str]:
 
 def last_checkpoint(root: Path) -> tuple[Path, dict[str, Any]]:
     path = max(root.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return path, torch.load(path, map_location="cpu", weights_only=False)
+    return path, read_tensor_file(path)[0]  # weights_only, as sample.py reads it
 
 
 def fused(ckpt: dict[str, Any]) -> bool:
