@@ -240,16 +240,20 @@ def read_ldm_file(
             "project, or a diffusers folder."
         )
     extras = {k: sd.pop(k) for k in sorted(sd) if k in SCHEDULE_BUFFERS or k == POSITION_IDS}
+    known = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, EMA_PREFIX)
+    unknown = sorted(k for k in sd if not k.startswith(known))
+    if unknown:
+        raise CheckpointError(_key_report(str(path), [], unknown))
     if config is None:
         config = infer_config_from_ldm(sd, str(path))
     config = dict(config)
     if prediction_type is not None:
         config["prediction_type"] = prediction_type
-    known = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, EMA_PREFIX)
-    unknown = sorted(k for k in sd if not k.startswith(known))
-    if unknown:
-        raise CheckpointError(_key_report(str(path), [], unknown))
-    return Checkpoint(normalize_config(config), sd, None, str(path), extras)
+    try:
+        config = normalize_config(config)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return Checkpoint(config, sd, None, str(path), extras)
 
 
 def infer_config_from_ldm(sd: dict[str, Tensor], source: str = "checkpoint") -> dict[str, Any]:
@@ -454,11 +458,17 @@ def _scheduler_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# The diffusers pipeline that feeds each kind of UNet input (see stable_diffusion.CONCAT_KINDS).
+PIPELINE_CLASSES = {
+    None: "StableDiffusionPipeline",
+    "inpainting": "StableDiffusionInpaintPipeline",
+    "image": "StableDiffusionInstructPix2PixPipeline",
+}
+
+
 def _model_index(config: dict[str, Any]) -> dict[str, Any]:
-    latent = config["first_stage"]["embed_dim"]
-    inpainting = config["unet"]["in_channels"] == 2 * latent + 1  # z_t, mask, masked-image latents
     return {
-        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_class_name": PIPELINE_CLASSES[config["concat"]],
         # The format's version, not a dependency: the pipeline folder layout is unchanged since then,
         # and diffusers reads this field (e.g. to warn about pre-0.6 inpainting folders).
         "_diffusers_version": "0.30.0",
@@ -486,6 +496,11 @@ def save_diffusers_folder(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype
     if dst.exists():
         raise CheckpointError(f"{dst} exists; remove it or choose another destination")
     cfg = ckpt.config
+    if cfg["concat"] not in PIPELINE_CLASSES:
+        raise CheckpointError(
+            f"no diffusers pipeline takes a {cfg['concat']} input: save this model as an LDM single file "
+            "(a .safetensors or .ckpt destination) instead of a folder"
+        )
     kind = cfg["cond_stage"]["kind"]
     text_cfg = {k: v for k, v in cfg["cond_stage"].items() if k != "kind"}
     text_sd = _strip(ckpt.state_dict, TEXT_PREFIX)

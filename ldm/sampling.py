@@ -1,8 +1,13 @@
 """Image generation with a StableDiffusion model: seed → z_T → sampler(UNet ∘ CFG) → z_0 → image.
 
-Text-to-image, and inpainting with a 9-channel UNet (SD inpainting checkpoints): the UNet also sees the
-mask and the latents of the image with the masked area blanked, concatenated to z_t, as in LDM's
-LatentInpaintDiffusion and diffusers' StableDiffusionInpaintPipeline (strength 1).
+Text-to-image, and the image-conditioned models whose UNet also sees something concatenated to z_t
+(`StableDiffusion.concat`):
+- inpainting (9-channel UNets, SD inpainting checkpoints): the mask and the latents of the image with
+  the masked area blanked, as in LDM's LatentInpaintDiffusion and diffusers'
+  StableDiffusionInpaintPipeline (strength 1);
+- image (8 channels, InstructPix2Pix): the unscaled posterior mode of the conditioning image, with
+  guidance over text and image as in diffusers' StableDiffusionInstructPix2PixPipeline;
+- semantic_map (C + K channels): a one-hot map of K classes, area-averaged to latent size.
 
 Initial latents follow diffusers' convention, so the same weights, prompt, seed and sampler settings
 give the same image as its StableDiffusionPipeline: `torch.randn((n, C, H/f, W/f),
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ldm.diffusion.samplers import SAMPLERS, classifier_free_guidance, sample
+from ldm.diffusion.samplers import SAMPLERS, classifier_free_guidance, image_text_guidance, sample
 from ldm.models.stable_diffusion import StableDiffusion
 
 
@@ -38,6 +43,7 @@ class SamplerSettings:
     karras: bool = False
     timestep_spacing: str | None = None
     steps_offset: int | None = None
+    image_guidance_scale: float = 1.5  # InstructPix2Pix-style models only (diffusers' default)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -83,20 +89,49 @@ def inpainting_condition(
     return torch.cat([small_mask.to(latents), latents], dim=1)
 
 
-def _check_channels(model: StableDiffusion, concat: Tensor | None) -> None:
-    expected = model.config["unet"]["in_channels"]
-    given = model.latent_channels + (0 if concat is None else concat.shape[1])
-    if given == expected:
-        return
-    if concat is None:
+@torch.no_grad()
+def image_condition(model: StableDiffusion, image: Tensor) -> Tensor:
+    """The extra UNet input of an InstructPix2Pix-style model, (B, C, H/f, W/f): the posterior mode of
+    the conditioning image, unscaled (as InstructPix2Pix trained it). `image` in [-1, 1]."""
+    param = next(model.first_stage_model.parameters())
+    return model.first_stage_model.encode(image.to(device=param.device, dtype=param.dtype)).mode()
+
+
+def semantic_condition(seg: Tensor, num_classes: int, size: tuple[int, int]) -> Tensor:
+    """Class-index maps (B, H, W) as (B, K, h, w): one-hot, area-averaged to the latent size `size`
+    (each latent pixel holds the share of each class in its footprint)."""
+    if seg.dtype.is_floating_point or seg.dim() != 3:
         raise ValueError(
-            f"this UNet takes {expected} input channels, not the {model.latent_channels} latent channels: an "
-            "inpainting model (give image=PATH and mask=PATH) or another image-conditioned one"
+            f"a semantic map is an integer (B, H, W) tensor of class indices, got {seg.dtype} {tuple(seg.shape)}"
         )
-    raise ValueError(
-        f"this UNet takes {expected} input channels: it is not an inpainting model "
-        f"({model.latent_channels} latent + {concat.shape[1]} mask and image channels); drop image= and mask="
-    )
+    if seg.numel() and (seg.min() < 0 or seg.max() >= num_classes):
+        raise ValueError(
+            f"semantic map labels must lie in [0, {num_classes}) for this model, "
+            f"found {int(seg.min())}..{int(seg.max())}"
+        )
+    one_hot = F.one_hot(seg.long(), num_classes).permute(0, 3, 1, 2).float()
+    return F.interpolate(one_hot, size=size, mode="area")
+
+
+# What sample.py asks for, per concat kind.
+_CONCAT_INPUTS = {"inpainting": "image=PATH and mask=PATH", "image": "image=PATH", "semantic_map": "seg=PATH"}
+
+
+def _check_concat(model: StableDiffusion, concat: Tensor | None) -> None:
+    kind, expected = model.concat, model.config["unet"]["in_channels"]
+    if concat is None:
+        if kind is not None:
+            raise ValueError(
+                f"this is a {kind} model (its UNet takes {expected} input channels): give {_CONCAT_INPUTS[kind]}"
+            )
+        return
+    if kind is None:
+        raise ValueError("this is a text-to-image model: it takes no image, mask or seg input; drop them")
+    if model.latent_channels + concat.shape[1] != expected:
+        raise ValueError(
+            f"this {kind} model's UNet takes {expected} input channels, not {model.latent_channels} latent + "
+            f"{concat.shape[1]} conditioning channels"
+        )
 
 
 def apply_with_concat(model: StableDiffusion, x: Tensor, t: Tensor, context: dict[str, Tensor]) -> Tensor:
@@ -122,10 +157,11 @@ def generate(
 
     `noise` (unit Gaussian latents) may be given to pin z_T, e.g. for validation images during training;
     otherwise it is drawn from `generator` (a CPU generator). `concat` (1 or B, k, h, w) is appended to
-    z_t's channels at every step: `inpainting_condition(...)` for an inpainting UNet.
+    z_t's channels at every step, as the model's `concat` kind asks: `inpainting_condition(...)`,
+    `image_condition(...)` (guided by `settings.image_guidance_scale` too) or `semantic_condition(...)`.
     """
     settings = settings or SamplerSettings()
-    _check_channels(model, concat)
+    _check_concat(model, concat)
     param = next(model.model.parameters())
     device, dtype = param.device, param.dtype
     if generator is None:
@@ -142,10 +178,24 @@ def generate(
         if concat.shape[-2:] != noise.shape[-2:]:
             raise ValueError(f"concat {tuple(concat.shape[-2:])} does not match the latents {tuple(noise.shape[-2:])}")
         extra = concat.to(device=device, dtype=dtype).expand(len(prompts), -1, -1, -1)
-        context = {"crossattn": context, "concat": extra}
-        uncond = None if uncond is None else {"crossattn": uncond, "concat": extra}
         network = partial(apply_with_concat, model)
-    denoiser = classifier_free_guidance(network, context, uncond, settings.guidance_scale)
+        if model.concat == "image":
+            # InstructPix2Pix: a third pass sees neither text nor image (zero latents). Without guidance
+            # (g <= 1) only the conditional pass runs and `negative` goes unused.
+            negative = uncond if uncond is not None else context
+            denoiser = image_text_guidance(
+                network,
+                {"crossattn": context, "concat": extra},
+                {"crossattn": negative, "concat": extra},
+                {"crossattn": negative, "concat": torch.zeros_like(extra)},
+                settings.guidance_scale,
+                settings.image_guidance_scale,
+            )
+        else:  # the mask, image or map is part of the input: guidance is over the text alone
+            context = {"crossattn": context, "concat": extra}
+            uncond = None if uncond is None else {"crossattn": uncond, "concat": extra}
+    if concat is None or model.concat != "image":
+        denoiser = classifier_free_guidance(network, context, uncond, settings.guidance_scale)
     sched = model.config["schedule"]
     latents = sample(
         settings.sampler,

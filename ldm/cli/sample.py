@@ -5,6 +5,8 @@
     python sample.py ckpt=out/diffusers prompt_file=prompts.txt num_images=4 \\
         "negative_prompt='blurry, low quality'"
     python sample.py ckpt=sd15-inpainting.safetensors prompt="a red sofa" image=room.png mask=mask.png
+    python sample.py ckpt=instruct-pix2pix.safetensors prompt="make it snowy" image=street.png image_guidance_scale=1.5
+    python sample.py ckpt=outputs/layout/.../last.ckpt prompt="..." seg=layout.png
 
 Writes numbered PNGs (prompt and settings in their text metadata) and a grid per prompt to `out_dir`.
 """
@@ -29,11 +31,13 @@ from ldm.checkpoint import CheckpointError, load_model
 from ldm.sampling import (
     SamplerSettings,
     generate,
+    image_condition,
     image_grid,
     image_to_tensor,
     initial_noise,
     inpainting_condition,
     mask_to_tensor,
+    semantic_condition,
     to_uint8,
 )
 
@@ -85,14 +89,64 @@ def read_picture(path: str, what: str) -> Image.Image:
         raise UsageError(f"{what}={path} is not an image PIL can read ({err})") from None
 
 
-def inpainting_inputs(cfg: DictConfig, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(image in [-1, 1], mask in {0, 1}) at the output size, or None for text-to-image."""
-    if cfg.image is None and cfg.mask is None:
+def output_size(cfg: DictConfig, model: Any) -> tuple[int, int]:
+    """(height, width): as asked; else an edit model's input picture's size (rounded down to the
+    autoencoder's multiple, as diffusers' InstructPix2Pix pipeline does); else the model's native size."""
+    if model.concat == "image" and cfg.image is not None and (cfg.height is None or cfg.width is None):
+        factor = model.downsampling_factor
+        width, height = (v - v % factor for v in read_picture(cfg.image, "image").size)
+        return cfg.height or height, cfg.width or width
+    return cfg.height or model.config["image_size"], cfg.width or model.config["image_size"]
+
+
+def read_segmentation(path: str, height: int, width: int) -> torch.Tensor:
+    """A class-index PNG (mode L or P: the pixel values are the labels) as a (1, H, W) int64 tensor."""
+    seg = read_picture(path, "seg")
+    if seg.mode not in ("L", "P", "I", "I;16"):
+        raise UsageError(
+            f"seg={path} is a {seg.mode} image: a semantic map is a single-channel PNG whose pixel values are "
+            "class indices (mode L or P)"
+        )
+    seg = seg.resize((width, height), resample=Image.Resampling.NEAREST)
+    return torch.from_numpy(np.asarray(seg).astype(np.int64))[None]
+
+
+def _wrong_inputs(model: Any, given: set[str], wanted: set[str]) -> str:
+    kind, channels = model.concat, model.config["unet"]["in_channels"]
+    extra = " and ".join(f"{k}=" for k in sorted(given - wanted))
+    if kind is None:
+        return (
+            f"this is a text-to-image model ({channels} UNet input channels), not an inpainting model or another "
+            f"image-conditioned one: drop {extra}"
+        )
+    if kind == "inpainting" and given and given < wanted:
+        return "inpainting needs both image=PATH and mask=PATH (white = the area to repaint)"
+    needs = " and ".join(f"{k}=PATH" for k in sorted(wanted))
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"this is {article} {kind} model (its UNet takes {channels} input channels): give {needs}" + (
+        f" and drop {extra}" if extra else ""
+    )
+
+
+def concat_input(
+    cfg: DictConfig, model: Any, height: int, width: int, generator: torch.Generator
+) -> torch.Tensor | None:
+    """What the model's UNet sees besides z_t, from image=, mask= and seg=; None for text-to-image."""
+    given = {k: cfg.get(k) for k in ("image", "mask", "seg") if cfg.get(k) is not None}
+    wanted = {None: set(), "inpainting": {"image", "mask"}, "image": {"image"}, "semantic_map": {"seg"}}[model.concat]
+    if set(given) != wanted:
+        raise UsageError(_wrong_inputs(model, set(given), wanted))
+    if model.concat is None:
         return None
-    if cfg.image is None or cfg.mask is None:
-        raise UsageError("inpainting needs both image=PATH and mask=PATH (white = the area to repaint)")
+    factor = model.downsampling_factor
+    if model.concat == "semantic_map":
+        seg = read_segmentation(cfg.seg, height, width)
+        return semantic_condition(seg, model.config["semantic_classes"], (height // factor, width // factor))
     image = image_to_tensor(read_picture(cfg.image, "image"), height, width)
-    return image, mask_to_tensor(read_picture(cfg.mask, "mask"), height, width)
+    if model.concat == "image":
+        return image_condition(model, image)
+    mask = mask_to_tensor(read_picture(cfg.mask, "mask"), height, width)
+    return inpainting_condition(model, image, mask, generator)
 
 
 def png_metadata(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
@@ -136,13 +190,12 @@ def run(cfg: DictConfig) -> list[Path]:
         karras=cfg.sampler.get("karras", False),
         timestep_spacing=cfg.timestep_spacing,
         steps_offset=cfg.steps_offset,
+        image_guidance_scale=cfg.image_guidance_scale,
     )
     device = resolve_device(cfg.device)
     model = load_model(cfg.ckpt, cfg.prediction_type, cfg.ema, cfg.allow_unsafe_pickle)
     model.to(device=device, dtype=DTYPES[cfg.dtype])
-    height = cfg.height or model.config["image_size"]
-    width = cfg.width or model.config["image_size"]
-    inpaint = inpainting_inputs(cfg, height, width)
+    height, width = output_size(cfg, model)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = next_index(out_dir)
@@ -153,7 +206,7 @@ def run(cfg: DictConfig) -> list[Path]:
         noise = initial_noise(
             cfg.num_images, model.latent_channels, height, width, model.downsampling_factor, generator
         )
-        concat = inpainting_condition(model, *inpaint, generator) if inpaint else None
+        concat = concat_input(cfg, model, height, width, generator)
         images = []
         for start in range(0, cfg.num_images, batch_size):
             chunk = noise[start : start + batch_size]
@@ -182,7 +235,8 @@ def run(cfg: DictConfig) -> list[Path]:
             "height": height,
             "width": width,
             "checkpoint": str(cfg.ckpt),
-            **({"image": str(cfg.image), "mask": str(cfg.mask)} if inpaint else {}),
+            **{k: str(cfg.get(k)) for k in ("image", "mask", "seg") if cfg.get(k) is not None},
+            **({"image_guidance_scale": settings.image_guidance_scale} if model.concat == "image" else {}),
         }
         for i, image in enumerate(images):
             path = out_dir / f"{index:05d}.png"

@@ -488,3 +488,36 @@ def classifier_free_guidance(
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
     return guided
+
+
+def image_text_guidance(
+    model: Callable[[Tensor, Tensor, Any], Tensor],
+    cond: Mapping[str, Tensor],
+    image_only: Mapping[str, Tensor],
+    uncond: Mapping[str, Tensor],
+    guidance_scale: float,
+    image_guidance_scale: float,
+) -> Model:
+    """InstructPix2Pix's guidance over text and image (Brooks et al. 2023, arXiv:2211.09800, eq. 3).
+
+    Three passes in one call on [cond; image_only; uncond] (text + image, image alone, neither) give
+    out_u + g·(out_c − out_i) + g_I·(out_i − out_u). As in diffusers' pipeline, guidance runs only for
+    g > 1 and g_I >= 1; otherwise only the conditional pass.
+    """
+    if guidance_scale <= 1 or image_guidance_scale < 1:
+        return lambda x, t: model(x, t, cond)
+    keys = cond.keys()
+    if image_only.keys() != keys or uncond.keys() != keys:
+        raise ValueError(f"cond, image_only and uncond need the same keys, got {sorted(cond)}, "
+                         f"{sorted(image_only)}, {sorted(uncond)}")
+    context = {key: torch.cat([cond[key], image_only[key], uncond[key]]) for key in keys}
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        out_cond, out_image, out_uncond = model(torch.cat([x, x, x]), torch.cat([t, t, t]), context).chunk(3)
+        return (
+            out_uncond
+            + guidance_scale * (out_cond - out_image)
+            + image_guidance_scale * (out_image - out_uncond)
+        )
+
+    return guided

@@ -15,6 +15,9 @@ The config is a plain dict (what a Hydra `model/*.yaml` holds, and what checkpoi
     schedule:     {"beta_schedule": "scaled_linear", "linear_start": 0.00085, "linear_end": 0.012,
                    "num_train_timesteps": 1000}
     image_size:   the native resolution in pixels (512; 768 for SD 2.x-768), the default for sampling
+    concat:       what joins z_t's channels at the UNet input (see `CONCAT_KINDS`); inferred from the
+                  UNet's in_channels when absent, and sets them when they are null
+    semantic_classes: K, the classes of a semantic-map model (concat: semantic_map)
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ from ldm.models.unet import UNetModel
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TEXT_ENCODERS = {"clip": CLIPTextEmbedder, "openclip": OpenCLIPTextEmbedder}
+# What a UNet sees besides z_t, concatenated to its channels (C = the latent channels):
+#   None          text-to-image: C channels
+#   inpainting    the mask and the masked image's latents (SD inpainting): 2C + 1
+#   image         the conditioning image's latents, unscaled posterior mode (InstructPix2Pix): 2C
+#   semantic_map  a one-hot map of K classes at latent size: C + K
+CONCAT_KINDS = (None, "inpainting", "image", "semantic_map")
 DEFAULT_SCHEDULE = {
     "beta_schedule": "scaled_linear",
     "linear_start": 0.00085,
@@ -66,8 +75,53 @@ def build_text_encoder(cfg: dict[str, Any], tokenizer_dir: str | None = None) ->
     return TEXT_ENCODERS[kind](**kwargs)
 
 
+def concat_channels(kind: str | None, latent_channels: int, semantic_classes: int | None = None) -> int:
+    """The UNet's in_channels for a concat kind."""
+    if kind == "semantic_map":
+        if not semantic_classes or semantic_classes < 1:
+            raise ValueError("concat=semantic_map needs semantic_classes (the number of classes in the maps)")
+        return latent_channels + semantic_classes
+    return {None: latent_channels, "inpainting": 2 * latent_channels + 1, "image": 2 * latent_channels}[kind]
+
+
+def _concat_kind(cfg: dict[str, Any]) -> str | None:
+    """The config's concat kind, inferred from the UNet's in_channels when not given, and checked."""
+    latent, in_channels = cfg["first_stage"]["embed_dim"], cfg["unet"]["in_channels"]
+    kind = cfg.get("concat")
+    if kind not in CONCAT_KINDS:
+        raise ValueError(f"concat={kind!r} is not one of {list(CONCAT_KINDS)}")
+    if in_channels is None:  # derived: what the conditioning/ configs leave to the concat kind
+        cfg["unet"]["in_channels"] = concat_channels(kind, latent, cfg.get("semantic_classes"))
+        return kind
+    if kind is None:
+        inferred = {latent: None, 2 * latent + 1: "inpainting", 2 * latent: "image"}
+        if in_channels not in inferred:
+            raise ValueError(
+                f"the UNet takes {in_channels} input channels: neither text-to-image ({latent}, the latent "
+                f"channels), inpainting ({2 * latent + 1}) nor InstructPix2Pix-style image conditioning "
+                f"({2 * latent}); a semantic-map model needs concat=semantic_map and "
+                f"semantic_classes={in_channels - latent}"
+            )
+        return inferred[in_channels]
+    expected = concat_channels(kind, latent, cfg.get("semantic_classes"))
+    if in_channels != expected:
+        raise ValueError(
+            f"concat={kind} with {latent} latent channels needs a UNet of {expected} input channels, "
+            f"not {in_channels}: set model.unet.in_channels={expected}"
+        )
+    return kind
+
+
+def with_concat(cfg: dict[str, Any], kind: str | None, semantic_classes: int | None = None) -> dict[str, Any]:
+    """`cfg` retargeted to another concat kind: the UNet's in_channels follow (all else stays)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.update(concat=kind, semantic_classes=semantic_classes)
+    cfg["unet"]["in_channels"] = concat_channels(kind, cfg["first_stage"]["embed_dim"], semantic_classes)
+    return normalize_config(cfg)
+
+
 def normalize_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy with defaults filled in and the prediction type checked."""
+    """A deep copy with defaults filled in and the prediction type and input channels checked."""
     cfg = copy.deepcopy(dict(cfg))
     cfg.setdefault("scale_factor", 0.18215)
     cfg.setdefault("prediction_type", "epsilon")
@@ -78,6 +132,11 @@ def normalize_config(cfg: dict[str, Any]) -> dict[str, Any]:
             f"prediction_type={cfg['prediction_type']!r} is not one of {PREDICTION_TYPES} "
             "(diffusers' names: epsilon for SD 1.x and SD 2.x-base, v_prediction for SD 2.x-768)"
         )
+    cfg["concat"] = _concat_kind(cfg)
+    if cfg["concat"] == "semantic_map":
+        cfg["semantic_classes"] = int(cfg["semantic_classes"])
+    else:
+        cfg.pop("semantic_classes", None)
     return cfg
 
 
@@ -93,6 +152,8 @@ class StableDiffusion(nn.Module):
         prediction_type: str = "epsilon",
         schedule: dict[str, Any] | None = None,
         image_size: int | None = None,
+        concat: str | None = None,
+        semantic_classes: int | None = None,
         tokenizer_dir: str | None = None,
     ):
         super().__init__()
@@ -105,6 +166,8 @@ class StableDiffusion(nn.Module):
                 "prediction_type": prediction_type,
                 "schedule": dict(schedule or {}),
                 **({"image_size": image_size} if image_size else {}),
+                "concat": concat,
+                **({"semantic_classes": semantic_classes} if semantic_classes else {}),
             }
         )
         self.model = DiffusionWrapper(UNetModel(**self.config["unet"]))
@@ -131,6 +194,11 @@ class StableDiffusion(nn.Module):
     @property
     def prediction_type(self) -> str:
         return self.config["prediction_type"]
+
+    @property
+    def concat(self) -> str | None:
+        """What joins z_t at the UNet input: None, "inpainting", "image" or "semantic_map"."""
+        return self.config["concat"]
 
     @property
     def latent_channels(self) -> int:
