@@ -8,6 +8,15 @@ caption beside it (same stem), or a `.csv` (header `path,caption`) / `.jsonl` (`
 as they are (no re-encoding) under their own extension, the caption as `.txt` (or `--caption-key`).
 Each shard is written under a temporary name and renamed when complete, so a crash never leaves a
 truncated `shards-*.tar` behind. Pairs that cannot be used are skipped and counted by reason.
+
+Image conditioning travels in the same sample. In a folder, `NAME.cond.<ext>` beside `NAME.<ext>` is
+its conditioning image (e.g. InstructPix2Pix's "before" picture), stored as `cond.<ext>`, and
+`NAME.seg.png` its segmentation map (a single-channel PNG of class indices), stored as `seg.png`; these
+are sidecars, not samples of their own (unless no `NAME.<ext>` exists). A CSV/JSONL gives them in
+optional `cond_path` / `seg_path` columns/fields (empty: none). A sample without sidecars is written
+without them; one whose sidecar is listed but missing, of another type or undecodable is skipped.
+Read them with `WebDataModule(cond_image_key="cond.png", seg_key="seg.png")`: the report lists the
+keys written, and a folder is best kept to one conditioning format, as the loader reads one key.
 """
 
 from __future__ import annotations
@@ -29,8 +38,12 @@ from types import TracebackType
 import webdataset as wds
 from PIL import Image
 
+from ldm.data.transforms import decode_label_map
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_PREFIX = "shards"
+COND_SIDECAR, SEG_SIDECAR = "cond", "seg"  # NAME.cond.<ext>, NAME.seg.png
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class ShardSink:
@@ -105,11 +118,14 @@ class ShardSummary:
     written: int = 0
     shards: list[str] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
+    sidecars: Counter[str] = field(default_factory=Counter)  # e.g. "cond.png" -> samples holding one
 
     def report(self) -> str:
         lines = [f"wrote {self.written} samples in {len(self.shards)} shards"]
         if self.shards:
             lines.append(f"  shards: {_brace_pattern(self.shards)}")
+        if self.sidecars:
+            lines.append("  with " + ", ".join(f"{key}: {n}" for key, n in sorted(self.sidecars.items())))
         if self.skipped:
             reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
             lines.append(f"skipped {sum(self.skipped.values())} ({reasons})")
@@ -122,6 +138,14 @@ class ShardSummary:
 class _Pair:
     image_path: Path
     caption: str | None
+    cond_path: Path | None = None
+    seg_path: Path | None = None
+
+
+class _Unusable(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _brace_pattern(shards: Sequence[str]) -> str:
@@ -139,10 +163,35 @@ def _read_caption(path: Path) -> str | None:
     return path.read_text(encoding="utf-8").strip() or None
 
 
+def _sidecar_of(path: Path, stems: set[Path]) -> tuple[Path, str] | None:
+    """(stem of the image it belongs to, role) if `path` is `NAME.cond.<ext>` or `NAME.seg.png` of an image."""
+    owner, _, role = path.stem.rpartition(".")
+    role = role.lower()
+    is_role = role == COND_SIDECAR or (role == SEG_SIDECAR and path.suffix.lower() == ".png")
+    if owner and is_role and path.parent / owner in stems:
+        return path.parent / owner, role
+    return None
+
+
 def _pairs_from_folder(src: Path) -> Iterator[_Pair]:
-    images = sorted(p for p in src.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    stems = {p.with_suffix("") for p in files}
+    sidecars: dict[tuple[Path, str], Path] = {}
+    images = []
+    for path in files:
+        sidecar = _sidecar_of(path, stems)
+        if sidecar is None:
+            images.append(path)
+        else:
+            sidecars.setdefault(sidecar, path)  # of several formats, the first in sorted order
     for image in images:
-        yield _Pair(image, _read_caption(image.with_suffix(".txt")))
+        stem = image.with_suffix("")
+        yield _Pair(
+            image,
+            _read_caption(image.with_suffix(".txt")),
+            sidecars.get((stem, COND_SIDECAR)),
+            sidecars.get((stem, SEG_SIDECAR)),
+        )
 
 
 def _rows_from_csv(src: Path) -> Iterator[dict[str, str]]:
@@ -174,7 +223,13 @@ def _pairs_from_table(src: Path) -> Iterator[_Pair]:
     for row in rows:
         caption = row.get("caption")
         caption = caption.strip() if isinstance(caption, str) else None
-        yield _Pair(src.parent / (row.get("path") or ""), caption or None)
+        cond, seg = (row.get(column) for column in ("cond_path", "seg_path"))
+        yield _Pair(
+            src.parent / (row.get("path") or ""),
+            caption or None,
+            src.parent / str(cond) if cond else None,
+            src.parent / str(seg) if seg else None,
+        )
 
 
 def iter_pairs(src: str | Path) -> Iterator[_Pair]:
@@ -201,23 +256,62 @@ def iter_pairs(src: str | Path) -> Iterator[_Pair]:
     return itertools.chain([first], pairs)
 
 
-def _check_image(pair: _Pair, min_size: int) -> tuple[bytes | None, str | None]:
-    """Returns (image bytes, None) or (None, skip reason)."""
-    extension = pair.image_path.suffix.lower().lstrip(".")
-    if extension not in IMAGE_EXTENSIONS:
-        return None, "unsupported image type"
-    if not pair.image_path.is_file():
-        return None, "missing image"
-    data = pair.image_path.read_bytes()
+def _read_file(path: Path, kind: str, extensions: Sequence[str]) -> tuple[bytes, str]:
+    """(bytes, lower-case extension) of a file of one of `extensions`, or _Unusable naming why not."""
+    extension = path.suffix.lower().lstrip(".")
+    if extension not in extensions:
+        raise _Unusable(f"unsupported {kind} type")
+    if not path.is_file():
+        raise _Unusable(f"missing {kind}")
+    return path.read_bytes(), extension
+
+
+def _decoded_size(data: bytes) -> tuple[int, int]:
+    with Image.open(BytesIO(data)) as image:
+        image.load()  # a full decode is the only reliable test for truncated files
+        return image.size
+
+
+def _image_entry(path: Path, min_size: int) -> dict[str, bytes]:
+    data, extension = _read_file(path, "image", IMAGE_EXTENSIONS)
     try:
-        with Image.open(BytesIO(data)) as image:
-            image.load()  # a full decode is the only reliable test for truncated files
-            size = image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None, "unreadable image"
+        size = _decoded_size(data)
+    except _DECODE_ERRORS as exc:
+        raise _Unusable("unreadable image") from exc
     if min(size) < min_size:
-        return None, "too small"
-    return data, None
+        raise _Unusable("too small")
+    return {extension: data}
+
+
+def _cond_entry(path: Path) -> dict[str, bytes]:
+    data, extension = _read_file(path, "conditioning image", IMAGE_EXTENSIONS)
+    try:
+        _decoded_size(data)
+    except _DECODE_ERRORS as exc:
+        raise _Unusable("unreadable conditioning image") from exc
+    return {f"{COND_SIDECAR}.{extension}": data}
+
+
+def _seg_entry(path: Path) -> dict[str, bytes]:
+    # PNG only: a lossy format would blur class indices into other classes
+    data, _ = _read_file(path, "segmentation map", ("png",))
+    try:
+        decode_label_map(data)  # rejects colour maps too: the loader reads indices only
+    except _DECODE_ERRORS as exc:
+        raise _Unusable("unreadable segmentation map") from exc
+    return {f"{SEG_SIDECAR}.png": data}
+
+
+def _entries(pair: _Pair, min_size: int, caption_key: str) -> dict[str, bytes]:
+    """A sample's extension -> bytes (without its key), or _Unusable with the reason to skip it."""
+    if pair.caption is None:
+        raise _Unusable("no caption")
+    entries = {**_image_entry(pair.image_path, min_size), caption_key: pair.caption.encode()}
+    if pair.cond_path is not None:
+        entries.update(_cond_entry(pair.cond_path))
+    if pair.seg_path is not None:
+        entries.update(_seg_entry(pair.seg_path))
+    return entries
 
 
 def make_shards(
@@ -246,25 +340,27 @@ def make_shards(
     summary = ShardSummary()
     with ShardSink(out_dir, SHARD_PREFIX, samples_per_shard) as sink:
         for pair in pairs:
-            if pair.caption is None:
-                summary.skipped["no caption"] += 1
+            try:
+                entries = _entries(pair, min_size, caption_key)
+            except _Unusable as unusable:
+                summary.skipped[unusable.reason] += 1
                 continue
-            data, reason = _check_image(pair, min_size)
-            if reason is not None:
-                summary.skipped[reason] += 1
-                continue
-            extension = pair.image_path.suffix.lower().lstrip(".")
-            sink.write(
-                {"__key__": f"{summary.written:09d}", extension: data, caption_key: pair.caption.encode()}
-            )
+            sink.write({"__key__": f"{summary.written:09d}", **entries})
             summary.written += 1
+            summary.sidecars.update(
+                k for k in entries if k.startswith((f"{COND_SIDECAR}.", f"{SEG_SIDECAR}."))
+            )
     summary.shards = sink.shards
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ldm-shards", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="folder of images with .txt captions, or a .csv/.jsonl of path,caption")
+    parser.add_argument(
+        "src",
+        help="folder of images with .txt captions (and optional NAME.cond.<ext> / NAME.seg.png sidecars), "
+        "or a .csv/.jsonl of path,caption (and optional cond_path, seg_path)",
+    )
     parser.add_argument("out", help="output folder for shards-NNNNNN.tar")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--caption-key", default="txt", help="extension the caption is stored under")

@@ -6,6 +6,14 @@ its colours far apart, so `judge_colours` can read both colours back from pixel 
 `caption_fidelity` turns that into the demo's score of how well generated images follow prompts.
 
     ensure_demo_shards("data/demo", num_samples=2000)   # writes data/demo/shapes-00000{0..3}.tar once
+
+Variants (`variant=`), for the conditionings besides text:
+- "caption": the image (`png`) and its caption (`txt`).
+- "semantic": the same samples (same seed, same images) plus `seg.png`, a mode-L label map at the
+  image's resolution: 0 background, 1 + SHAPES.index(shape) on the shape (`SEMANTIC_CLASSES` classes).
+- "edit": InstructPix2Pix-style pairs: `cond.png` is a shape of one colour on a background, `png` the
+  same shape at the same place and size in another colour on the same background, and the caption the
+  instruction "make the circle green"; `edit_fidelity` scores edits.
 """
 
 from __future__ import annotations
@@ -15,9 +23,10 @@ import os
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -34,10 +43,14 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle")
+SEMANTIC_CLASSES = 1 + len(SHAPES)  # background, then one class per shape
+VARIANTS = ("caption", "semantic", "edit")
+Variant = Literal["caption", "semantic", "edit"]
 SHARD_PREFIX = "shapes"
 MANIFEST = "MANIFEST.json"
 _SUPERSAMPLE = 4  # draw large, then shrink: smooth edges without blending in foreign colours
 _CAPTION = re.compile(r"an? (\w+) (\w+) on an? (\w+) background")
+_INSTRUCTION = re.compile(r"make the (\w+) (\w+)")
 _PALETTE_ARRAY = np.array(list(PALETTE.values()), dtype=np.int32)
 _PALETTE_NAMES = list(PALETTE)
 
@@ -68,34 +81,119 @@ def parse_caption(caption: str) -> tuple[str, str, str]:
     return match[2], match[1], match[3]
 
 
+def edit_instruction(shape: str, colour: str) -> str:
+    return f"make the {shape} {colour}"
+
+
+def all_edit_prompts() -> list[str]:
+    """Every instruction the edit variant can hold (shape x colour)."""
+    return [edit_instruction(shape, colour) for shape in SHAPES for colour in PALETTE]
+
+
+def parse_instruction(text: str) -> tuple[str, str]:
+    """'make the circle green' -> ('circle', 'green')."""
+    match = _INSTRUCTION.fullmatch(text.strip().lower())
+    if match is None or match[1] not in SHAPES or match[2] not in PALETTE:
+        raise ValueError(
+            f"instruction {text!r} is not of the form 'make the <shape> <colour>' "
+            f"with shapes {list(SHAPES)} and colours {_PALETTE_NAMES}"
+        )
+    return match[1], match[2]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a shape sits: its bounding square on the supersampled canvas (`_SUPERSAMPLE` x resolution)."""
+
+    left: int
+    top: int
+    size: int
+
+
+def random_placement(resolution: int, rng: np.random.Generator) -> Placement:
+    """A random size (40-70% of the side) and position, clear of the border ring the judge reads."""
+    canvas = resolution * _SUPERSAMPLE
+    margin = canvas // 16
+    size = int(rng.uniform(0.4, 0.7) * canvas)
+    left = int(rng.integers(margin, canvas - margin - size + 1))
+    top = int(rng.integers(margin, canvas - margin - size + 1))
+    return Placement(left, top, size)
+
+
+def _shape_index(shape: str) -> int:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
+    return SHAPES.index(shape)
+
+
+def _drawn(shape: str, mode: str, background: Any, fill: Any, resolution: int, at: Placement) -> Image.Image:
+    """`shape` drawn on the supersampled canvas, in any mode (colours for images, indices for labels)."""
+    _shape_index(shape)  # an unknown shape fails here, by name
+    canvas = resolution * _SUPERSAMPLE
+    left, top, size = at.left, at.top, at.size
+    box = (left, top, left + size - 1, top + size - 1)
+    image = Image.new(mode, (canvas, canvas), background)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(left + size / 2, top), (box[2], box[3]), (left, box[3])], fill=fill)
+    return image
+
+
+def draw_shape(shape: str, colour: str, background: str, resolution: int, at: Placement) -> np.ndarray:
+    """A uint8 HxWx3 image of `shape` in `colour` at `at` on `background`."""
+    image = _drawn(shape, "RGB", PALETTE[background], PALETTE[colour], resolution, at)
+    return np.asarray(image.resize((resolution, resolution), Image.Resampling.BOX))
+
+
+def draw_labels(shape: str, resolution: int, at: Placement) -> np.ndarray:
+    """The uint8 HxW label map of `draw_shape`'s image: 0 background, 1 + SHAPES.index(shape) on the shape.
+
+    Shrunk nearest (each pixel takes one canvas sample), so labels stay pure; edge pixels that the
+    image blends may fall either way.
+    """
+    image = _drawn(shape, "L", 0, 1 + _shape_index(shape), resolution, at)
+    return np.asarray(image.resize((resolution, resolution), Image.Resampling.NEAREST))
+
+
 def render_shape(
     shape: str, colour: str, background: str, resolution: int, rng: np.random.Generator
 ) -> np.ndarray:
     """A uint8 HxWx3 image of `shape` at a random size (40-70% of the side) and position."""
-    canvas = resolution * _SUPERSAMPLE
-    margin = canvas // 16  # keeps the border ring pure background for the judge
-    size = int(rng.uniform(0.4, 0.7) * canvas)
-    left = int(rng.integers(margin, canvas - margin - size + 1))
-    top = int(rng.integers(margin, canvas - margin - size + 1))
-    box = (left, top, left + size - 1, top + size - 1)
-    image = Image.new("RGB", (canvas, canvas), PALETTE[background])
-    draw = ImageDraw.Draw(image)
-    if shape == "circle":
-        draw.ellipse(box, fill=PALETTE[colour])
-    elif shape == "square":
-        draw.rectangle(box, fill=PALETTE[colour])
-    elif shape == "triangle":
-        draw.polygon([(left + size / 2, top), (box[2], box[3]), (left, box[3])], fill=PALETTE[colour])
-    else:
-        raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
-    return np.asarray(image.resize((resolution, resolution), Image.Resampling.BOX))
+    return draw_shape(shape, colour, background, resolution, random_placement(resolution, rng))
+
+
+def _random_scene(
+    rng: np.random.Generator, resolution: int, num_colours: int
+) -> tuple[str, list[str], Placement]:
+    """A shape, `num_colours` different palette colours and a placement, drawn in this order."""
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    colours = [_PALETTE_NAMES[i] for i in rng.choice(len(_PALETTE_NAMES), size=num_colours, replace=False)]
+    return shape, colours, random_placement(resolution, rng)
 
 
 def random_sample(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, str]:
     """One random (image, caption) pair; shape and background colours always differ."""
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    colour, background = (_PALETTE_NAMES[i] for i in rng.choice(len(_PALETTE_NAMES), size=2, replace=False))
-    return render_shape(shape, colour, background, resolution, rng), make_caption(shape, colour, background)
+    shape, (colour, background), at = _random_scene(rng, resolution, 2)
+    return draw_shape(shape, colour, background, resolution, at), make_caption(shape, colour, background)
+
+
+def random_semantic_sample(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(image, label map, caption); the same draws as `random_sample`, so the same images per seed."""
+    shape, (colour, background), at = _random_scene(rng, resolution, 2)
+    image = draw_shape(shape, colour, background, resolution, at)
+    return image, draw_labels(shape, resolution, at), make_caption(shape, colour, background)
+
+
+def random_edit_sample(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(conditioning image, edited image, instruction): one shape and place, recoloured, same background."""
+    shape, (before, background, after), at = _random_scene(rng, resolution, 3)
+    cond = draw_shape(shape, before, background, resolution, at)
+    target = draw_shape(shape, after, background, resolution, at)
+    return cond, target, edit_instruction(shape, after)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -104,17 +202,44 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _manifest_for(num_samples: int, samples_per_shard: int, resolution: int, seed: int) -> dict[str, Any]:
+def _manifest_for(
+    num_samples: int, samples_per_shard: int, resolution: int, seed: int, variant: str
+) -> dict[str, Any]:
     return {
         "num_samples": num_samples,
         "samples_per_shard": samples_per_shard,
         "resolution": resolution,
         "seed": seed,
+        "variant": variant,
     }
 
 
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown demo data variant {variant!r}; known: {list(VARIANTS)}")
+
+
+def random_entries(
+    rng: np.random.Generator, resolution: int, variant: Variant = "caption"
+) -> dict[str, bytes]:
+    """One random sample of `variant` as shard entries: extension -> bytes."""
+    if variant == "semantic":
+        image, labels, caption = random_semantic_sample(rng, resolution)
+        return {"png": _png_bytes(image), "seg.png": _png_bytes(labels), "txt": caption.encode()}
+    if variant == "edit":
+        cond, target, instruction = random_edit_sample(rng, resolution)
+        return {"cond.png": _png_bytes(cond), "png": _png_bytes(target), "txt": instruction.encode()}
+    image, caption = random_sample(rng, resolution)
+    return {"png": _png_bytes(image), "txt": caption.encode()}
+
+
 def write_shapes_shards(
-    out_dir: str | Path, num_samples: int, samples_per_shard: int = 500, resolution: int = 32, seed: int = 0
+    out_dir: str | Path,
+    num_samples: int,
+    samples_per_shard: int = 500,
+    resolution: int = 32,
+    seed: int = 0,
+    variant: Variant = "caption",
 ) -> list[str]:
     """Write `shapes-NNNNNN.tar` shards of random samples, then a manifest marking them complete.
 
@@ -122,6 +247,7 @@ def write_shapes_shards(
     """
     if num_samples < 1 or resolution < 8:
         raise ValueError(f"need num_samples >= 1 and resolution >= 8, got {num_samples} and {resolution}")
+    _check_variant(variant)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
@@ -130,9 +256,8 @@ def write_shapes_shards(
     rng = np.random.default_rng(seed)
     with ShardSink(out_dir, SHARD_PREFIX, samples_per_shard) as sink:
         for index in range(num_samples):
-            image, caption = random_sample(rng, resolution)
-            sink.write({"__key__": f"{index:09d}", "png": _png_bytes(image), "txt": caption.encode()})
-    manifest = _manifest_for(num_samples, samples_per_shard, resolution, seed)
+            sink.write({"__key__": f"{index:09d}", **random_entries(rng, resolution, variant)})
+    manifest = _manifest_for(num_samples, samples_per_shard, resolution, seed, variant)
     manifest["shards"] = {Path(s).name: Path(s).stat().st_size for s in sink.shards}
     tmp = out_dir / f"{MANIFEST}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -147,6 +272,7 @@ def _complete_shards(out_dir: Path, expected: dict[str, Any]) -> list[str] | Non
     except (OSError, ValueError):
         return None
     shards = manifest.pop("shards", {})
+    manifest.setdefault("variant", "caption")  # written before there were variants
     if manifest != expected or not shards:
         return None
     paths = [out_dir / name for name in sorted(shards)]
@@ -161,13 +287,15 @@ def ensure_demo_shards(
     samples_per_shard: int = 500,
     resolution: int = 32,
     seed: int = 0,
+    variant: Variant = "caption",
 ) -> list[str]:
     """Shard paths of the demo set in `out_dir`, generated only if absent, partial or made differently."""
-    expected = _manifest_for(num_samples, samples_per_shard, resolution, seed)
+    _check_variant(variant)
+    expected = _manifest_for(num_samples, samples_per_shard, resolution, seed, variant)
     existing = _complete_shards(Path(out_dir), expected)
     if existing is not None:
         return existing
-    return write_shapes_shards(out_dir, num_samples, samples_per_shard, resolution, seed)
+    return write_shapes_shards(out_dir, num_samples, samples_per_shard, resolution, seed, variant)
 
 
 def _nearest_colours(pixels: np.ndarray) -> np.ndarray:
@@ -207,8 +335,38 @@ def caption_fidelity(images: Sequence[np.ndarray] | np.ndarray, captions: Sequen
     return hits / len(captions)
 
 
+def edit_fidelity(
+    images: Sequence[np.ndarray] | np.ndarray,
+    cond_images: Sequence[np.ndarray] | np.ndarray,
+    instructions: Sequence[str],
+) -> float:
+    """Share of edited images whose shape has the instructed colour on the conditioning image's background."""
+    if not len(images) == len(cond_images) == len(instructions) or len(instructions) == 0:
+        raise ValueError(
+            f"need as many images as conditioning images and instructions (and some), got "
+            f"{len(images)}, {len(cond_images)} and {len(instructions)}"
+        )
+    hits = 0
+    for image, cond, instruction in zip(images, cond_images, instructions, strict=True):
+        _, colour = parse_instruction(instruction)
+        _, background = judge_colours(np.asarray(cond))
+        hits += judge_colours(np.asarray(image)) == (colour, background)
+    return hits / len(instructions)
+
+
+# what each variant's batches need from WebDataModule
+_VARIANT_KEYS: dict[str, dict[str, Any]] = {
+    "caption": {},
+    "semantic": {"seg_key": "seg.png", "num_classes": SEMANTIC_CLASSES},
+    "edit": {"cond_image_key": "cond.png"},
+}
+
+
 class ShapesDataModule(WebDataModule):
-    """The demo's DataModule: generates the shapes shards under `root` once, then streams them."""
+    """The demo's DataModule: generates the shapes shards under `root` once, then streams them.
+
+    `variant="semantic"` adds `seg` to the batches, `variant="edit"` adds `cond_image`.
+    """
 
     def __init__(
         self,
@@ -217,16 +375,26 @@ class ShapesDataModule(WebDataModule):
         samples_per_shard: int = 500,
         data_seed: int = 0,
         resolution: int = 32,
+        variant: Variant = "caption",
         **kwargs: Any,
     ) -> None:
-        super().__init__(train_shards=f"{root}/{SHARD_PREFIX}-*.tar", resolution=resolution, **kwargs)
+        _check_variant(variant)
+        clashes = {k: kwargs[k] for k, v in _VARIANT_KEYS[variant].items() if kwargs.get(k) not in (None, v)}
+        if clashes:
+            raise ValueError(f"variant={variant!r} sets {_VARIANT_KEYS[variant]}; got {clashes}")
+        super().__init__(
+            train_shards=f"{root}/{SHARD_PREFIX}-*.tar",
+            resolution=resolution,
+            **{**kwargs, **_VARIANT_KEYS[variant]},
+        )
         self.root = root
         self.num_samples = num_samples
         self.samples_per_shard = samples_per_shard
         self.data_seed = data_seed
+        self.variant = variant
 
     def prepare_data(self) -> None:
         # Lightning runs this once per node before setup(), so ranks never race on the files.
         ensure_demo_shards(
-            self.root, self.num_samples, self.samples_per_shard, self.resolution, self.data_seed
+            self.root, self.num_samples, self.samples_per_shard, self.resolution, self.data_seed, self.variant
         )

@@ -7,6 +7,15 @@ Batches: `image` float32 Bx3xHxW in [-1, 1], `caption` list[str], `key` list[str
 With `latents=True` (shards written by `ldm-cache-latents`) a batch holds `moments` (Bx2Cxhxw, the
 autoencoder's posterior mean and log-variance) instead of `image`.
 
+Image conditioning (not with `latents=True` yet); keys are sample-key extensions, so a tar member
+`000001.src.jpg` is key `000001`, extension `src.jpg` (webdataset lower-cases extensions):
+- `cond_image_key="src.jpg"` adds `cond_image` float32 Bx3xHxW in [-1, 1] (InstructPix2Pix's "before"
+  picture), resized, cropped and flipped exactly as its `image` (one random draw for both).
+- `seg_key="seg.png"` adds `seg` int64 BxHxW, class indices read from a single-channel PNG (mode L or P:
+  raw indices, not palette colours), same geometry as `image` but resampled nearest, so labels stay
+  labels. With `num_classes`, a map holding a label >= num_classes is skipped ("label out of range").
+A conditioning image or map of another size than its image is stretched to the image's size first.
+
 Shard specs: a brace pattern, a glob, a local path or folder of `.tar` files, a URL webdataset
 can open (`https://...`, `pipe:curl -s ...`), or a list of these. Local files are checked at
 `setup()`, so a typo fails before training starts.
@@ -20,7 +29,7 @@ cut into epochs of `epoch_length`. Validation shards are read whole by every ran
 waits on another, results are identical), which suits the small validation sets of diffusion.
 
 Bad samples (undecodable or truncated image, no image, no caption, image smaller than
-`min_size`, unreadable shard) are skipped, never fatal: a warning is logged at most once every
+`min_size`, unreadable shard; missing or unreadable conditioning image or segmentation map) are skipped, never fatal: a warning is logged at most once every
 `WARN_INTERVAL_S` seconds per process, each batch carries `skipped`, and the loader adds them up
 in `WebDataModule.skipped_samples` in the main process, exact with or without workers.
 
@@ -54,13 +63,14 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldm.data.transforms import resize_and_crop, to_tensor
+from ldm.data.transforms import apply_crop, decode_label_map, plan_crop, to_tensor
 
 logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MOMENTS_KEY = "moments.npy"  # cached posterior moments, written by ldm.data.cache_latents
 WARN_INTERVAL_S = 60.0
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
 
 
@@ -172,6 +182,9 @@ class _StreamSpec:
     rank: int  # this process's share of the shards: rank::world_size
     world_size: int
     latents: bool = False
+    cond_image_key: str | None = None
+    seg_key: str | None = None
+    num_classes: int | None = None
 
 
 class _ShardStream(IterableDataset):
@@ -237,6 +250,21 @@ class _ShardStream(IterableDataset):
             raise _SkipSample("no caption", f"(no {self.spec.caption_key!r}; keys {sorted(raw)})")
         if self.spec.latents:
             return {"moments": _moments(raw), "caption": caption, "key": raw["__key__"]}
+        spec = self.spec
+        rgb = self._image(raw)
+        # everything is decoded and checked before the random draw: a skipped sample draws nothing
+        cond = _cond_image(raw, spec.cond_image_key) if spec.cond_image_key else None
+        seg = _seg_map(raw, spec.seg_key, spec.num_classes) if spec.seg_key else None
+        plan = plan_crop(rgb.size, spec.resolution, spec.random_crop, spec.random_flip, rng)
+        sample = {"image": to_tensor(apply_crop(rgb, plan)), "caption": caption, "key": raw["__key__"]}
+        if cond is not None:
+            sample["cond_image"] = to_tensor(apply_crop(cond, plan))
+        if seg is not None:
+            labels = apply_crop(seg, plan, Image.Resampling.NEAREST)
+            sample["seg"] = torch.from_numpy(np.asarray(labels).astype(np.int64))
+        return sample
+
+    def _image(self, raw: dict[str, Any]) -> Image.Image:
         data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
         if data is None:
             raise _SkipSample("no image", f"(keys {sorted(raw)})")
@@ -246,12 +274,35 @@ class _ShardStream(IterableDataset):
                     raise _SkipSample(
                         "too small", f"({image.size[0]}x{image.size[1]} < {self.spec.min_size})"
                     )
-                rgb = image.convert("RGB")  # decodes fully: truncated files fail here
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                return image.convert("RGB")  # decodes fully: truncated files fail here
+        except _DECODE_ERRORS as exc:
             raise _SkipSample("unreadable image", f"({exc})") from exc
-        spec = self.spec
-        rgb = resize_and_crop(rgb, spec.resolution, spec.random_crop, spec.random_flip, rng)
-        return {"image": to_tensor(rgb), "caption": caption, "key": raw["__key__"]}
+
+
+def _cond_image(raw: dict[str, Any], key: str) -> Image.Image:
+    data = raw.get(key)
+    if data is None:
+        raise _SkipSample("no conditioning image", f"(no {key!r}; keys {sorted(raw)})")
+    try:
+        with Image.open(BytesIO(data)) as image:
+            return image.convert("RGB")
+    except _DECODE_ERRORS as exc:
+        raise _SkipSample("unreadable conditioning image", f"({exc})") from exc
+
+
+def _seg_map(raw: dict[str, Any], key: str, num_classes: int | None) -> Image.Image:
+    data = raw.get(key)
+    if data is None:
+        raise _SkipSample("no segmentation map", f"(no {key!r}; keys {sorted(raw)})")
+    try:
+        labels = decode_label_map(data)
+    except _DECODE_ERRORS as exc:
+        raise _SkipSample("unreadable segmentation map", f"({exc})") from exc
+    if num_classes is not None:
+        highest = int(np.asarray(labels).max())
+        if highest >= num_classes:
+            raise _SkipSample("label out of range", f"(label {highest} >= num_classes={num_classes})")
+    return labels
 
 
 def _moments(raw: dict[str, Any]) -> torch.Tensor:
@@ -268,9 +319,9 @@ def _moments(raw: dict[str, Any]) -> torch.Tensor:
 
 
 def _collate(samples: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, Any]:
-    pixels = "moments" if "moments" in samples[0] else "image"
+    tensors = [k for k in ("moments", "image", "cond_image", "seg") if k in samples[0]]
     batch = {
-        pixels: torch.stack([s[pixels] for s in samples]),
+        **{k: torch.stack([s[k] for s in samples]) for k in tensors},
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "skipped": dict(skipped),
@@ -347,6 +398,24 @@ class ShardLoader:
                 yield item
 
 
+def _check_conditioning(
+    latents: bool, cond_image_key: str | None, seg_key: str | None, num_classes: int | None
+) -> None:
+    if latents and (cond_image_key or seg_key):
+        raise ValueError(
+            "latents=True (cached latents) with cond_image_key or seg_key is not supported yet: "
+            "train image-conditioned models from image shards"
+        )
+    for name, key in (("cond_image_key", cond_image_key), ("seg_key", seg_key)):
+        if key is not None and (not key or key.lower() == "__key__" or key.lower() in IMAGE_KEYS):
+            raise ValueError(
+                f"{name}={key!r} must name the sample's conditioning extension (e.g. 'cond.png'), "
+                f"not empty nor one of the image extensions {IMAGE_KEYS}"
+            )
+    if num_classes is not None and (seg_key is None or num_classes < 1):
+        raise ValueError(f"num_classes={num_classes} needs a seg_key and must be >= 1")
+
+
 class WebDataModule(lightning.LightningDataModule):
     """Training (and optional validation) batches from WebDataset shards; see the module docstring."""
 
@@ -366,6 +435,9 @@ class WebDataModule(lightning.LightningDataModule):
         epoch_length: int | None = None,
         seed: int = 0,
         latents: bool = False,
+        cond_image_key: str | None = None,
+        seg_key: str | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if resolution <= 0 or resolution % 8:
@@ -381,12 +453,17 @@ class WebDataModule(lightning.LightningDataModule):
             raise ValueError(f"epoch_length must be a positive number of batches, got {epoch_length}")
         if resampled and epoch_length is None:
             raise ValueError("resampled=True streams forever: set epoch_length (batches per epoch per rank)")
+        _check_conditioning(latents, cond_image_key, seg_key, num_classes)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers, self.resolution = batch_size, num_workers, resolution
         self.random_crop, self.random_flip = random_crop, random_flip
         self.caption_key, self.min_size, self.shuffle_buffer = caption_key, min_size, shuffle_buffer
         self.resampled, self.epoch_length, self.seed = resampled, epoch_length, seed
         self.latents = latents
+        # webdataset lower-cases extensions, so "SRC.JPG" would never match
+        self.cond_image_key = cond_image_key.lower() if cond_image_key else None
+        self.seg_key = seg_key.lower() if seg_key else None
+        self.num_classes = num_classes
         self.skipped_samples: Counter[str] = Counter()
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
@@ -424,6 +501,9 @@ class WebDataModule(lightning.LightningDataModule):
             rank=rank if train else 0,
             world_size=world_size if train else 1,
             latents=self.latents,
+            cond_image_key=self.cond_image_key,
+            seg_key=self.seg_key,
+            num_classes=self.num_classes,
         )
 
     def _rank_and_world_size(self) -> tuple[int, int]:
