@@ -472,9 +472,10 @@ def test_resolution_the_model_cannot_take_fails_without_a_traceback(tmp_path: Pa
 
 def test_a_unet_of_unknown_input_channels_is_refused_before_training(tmp_path: Path) -> None:
     with pytest.raises(Exception) as err:  # noqa: PT011 (Hydra wraps it; train.py shows user_error's)
-        train(compose_train(tmp_path, ["model.unet.in_channels=8", *BARE, *QUIET]))
+        train(compose_train(tmp_path, ["model.unet.in_channels=7", *BARE, *QUIET]))
     shown = user_error(err.value)
-    assert shown is not None and "8 input channels" in str(shown) and "inpainting (9)" in str(shown)
+    assert shown is not None and "7 input channels" in str(shown) and "inpainting (9)" in str(shown)
+    assert "semantic_classes=3" in str(shown)
     assert not list(tmp_path.glob("runs/**/*.ckpt"))
 
 

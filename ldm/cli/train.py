@@ -64,7 +64,16 @@ def gpus_per_node(accelerator: str, devices: Any) -> Any:
     return None if str(accelerator) == "cpu" else devices
 
 
+def demo_variant(concat: str | None) -> str:
+    """`${demo_variant:CONCAT}`: the synthetic shapes data that trains a model of each concat kind."""
+    variants = {None: "caption", "image": "edit", "semantic_map": "semantic", "inpainting": "caption"}
+    if concat not in variants:
+        raise ConfigError(f"model.concat={concat!r} is not one of {list(variants)}")
+    return variants[concat]
+
+
 OmegaConf.register_new_resolver("latest_ckpt", latest_checkpoint, replace=True)
+OmegaConf.register_new_resolver("demo_variant", demo_variant, replace=True)
 OmegaConf.register_new_resolver("gpus_per_node", gpus_per_node, replace=True)
 
 

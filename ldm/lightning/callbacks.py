@@ -14,7 +14,17 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from ldm.sampling import SamplerSettings, generate, image_grid, initial_noise, inpainting_condition, to_uint8
+from ldm.data.transforms import to_uint8 as tensor_to_uint8
+from ldm.sampling import (
+    SamplerSettings,
+    generate,
+    image_condition,
+    image_grid,
+    initial_noise,
+    inpainting_condition,
+    semantic_condition,
+    to_uint8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +38,12 @@ class SampleImages(L.Callback):
     and log a captioned grid to every logger; the PNG also lands in `<run dir>/samples/`.
 
     Pinning the prompts and z_T makes grids comparable across steps: the change is the training.
+    Models conditioned on a picture or a semantic map take theirs from the first training batch of the
+    run (pinned from then on); an edit model's grid shows each input picture beside its output.
     """
+
+    # The batch entry that conditions each kind of model (see LatentDiffusion.concat).
+    INPUT_KEYS = {"image": "cond_image", "semantic_map": "seg"}
 
     def __init__(
         self,
@@ -52,6 +67,13 @@ class SampleImages(L.Callback):
         self.use_ema = use_ema
         self.sample_on_train_end = on_train_end
         self._last_step = -1
+        self.inputs: torch.Tensor | None = None  # pinned conditioning pictures or maps, one per prompt
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        key = self.INPUT_KEYS.get(getattr(pl_module, "concat", None))
+        if key is not None and self.inputs is None and key in batch:
+            rows = torch.arange(len(self.prompts)) % len(batch[key])
+            self.inputs = batch[key][rows.to(batch[key].device)].detach().cpu()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -64,6 +86,8 @@ class SampleImages(L.Callback):
 
     def sample(self, pl_module: Any) -> list[np.ndarray]:
         resolution = self.resolution or pl_module.config["first_stage"]["ddconfig"]["resolution"]
+        if self.inputs is not None:
+            resolution = self.inputs.shape[-1]
         generator = torch.Generator("cpu").manual_seed(self.seed)
         noise = initial_noise(
             len(self.prompts), pl_module.latent_channels, resolution, resolution, pl_module.downsampling_factor, generator
@@ -76,6 +100,8 @@ class SampleImages(L.Callback):
                 # an inpainting model asked for the whole picture: everything masked, nothing to keep
                 blank = torch.zeros(1, 3, resolution, resolution, device=pl_module.device)
                 concat = inpainting_condition(pl_module, blank, torch.ones_like(blank[:, :1]), generator)
+            elif getattr(pl_module, "concat", None) in self.INPUT_KEYS:
+                concat = self._input_condition(pl_module, noise.shape[-2:])
             run = partial(generate, pl_module, self.prompts, "", self.settings, generator=generator, noise=noise,
                           concat=concat)
             if self.use_ema and getattr(pl_module, "model_ema", None) is not None:
@@ -87,10 +113,23 @@ class SampleImages(L.Callback):
             pl_module.train(was_training)
         return to_uint8(images)
 
+    def _input_condition(self, pl_module: Any, latent_size: tuple[int, int]) -> torch.Tensor:
+        if self.inputs is None:
+            raise RuntimeError(
+                f"a {pl_module.concat} model samples with the inputs of a training batch, and none was seen yet"
+            )
+        inputs = self.inputs.to(pl_module.device)
+        if pl_module.concat == "image":
+            return image_condition(pl_module, inputs)
+        return semantic_condition(inputs, pl_module.config["semantic_classes"], tuple(latent_size))
+
     def log_samples(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._last_step = trainer.global_step
         # Every rank samples: under trainer=fsdp each forward gathers the weights from all ranks.
         images = self.sample(pl_module)
+        if getattr(pl_module, "concat", None) == "image" and self.inputs is not None:
+            images = [np.concatenate([before, after], axis=1) for before, after in zip(
+                tensor_to_uint8(self.inputs), images, strict=True)]
         if not trainer.is_global_zero:
             return
         grid = image_grid(images)
@@ -129,6 +168,9 @@ class CaptionFidelity(L.Callback):
                                     guidance_scale=guidance_scale, seed=seed, on_train_end=False)
         self.judge = judge
         self.score: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.sampler.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         images = self.sampler.sample(pl_module)  # on every rank, as SampleImages

@@ -7,7 +7,10 @@ training step of DESIGN.md's data flow:
     c  = text_encoder(caption, dropped w.p. p)    frozen unless train_text_encoder
     t, ε ~ generator seeded seed + global_rank    (so every GPU draws different noise)
     z_t = q_sample(z0, t, ε + offset_noise · ε')
-    inpainting UNets (9 channels) also see [mask, scale_factor · E(image · (1 - mask))], random masks
+    image-conditioned UNets also see, concatenated to z_t (model config `concat`):
+      inpainting (2C+1 channels): [mask, scale_factor · E(image · (1 - mask))], random masks
+      image (2C, InstructPix2Pix): mode(E(cond_image)), unscaled; text and image dropped as InstructPix2Pix
+      semantic_map (C+K): the one-hot map of batch["seg"], area-averaged to latent size
     loss = mean(w(t) · |unet(z_t, t, c) - target|²),  target ε or v,  w = min-SNR-γ or 1
     EMA update of the UNet after each optimizer step (LDM's `model_ema.*`)
 """
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from ldm.checkpoint import (
     EMA_PREFIX,
+    UNET_PREFIX,
     VAE_PREFIX,
     CheckpointError,
     read_checkpoint,
@@ -33,8 +37,8 @@ from ldm.data.masks import random_masks
 from ldm.lightning.ema import EMA
 from ldm.lightning.resume import start_next_epoch_fresh
 from ldm.models.autoencoder import DiagonalGaussianDistribution
-from ldm.models.stable_diffusion import StableDiffusion, normalize_config
-from ldm.sampling import apply_with_concat
+from ldm.models.stable_diffusion import StableDiffusion, normalize_config, with_concat
+from ldm.sampling import apply_with_concat, semantic_condition
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +65,24 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         scale_by_std: bool = False,
         max_nonfinite_steps: int = 10,
         mask_full_rate: float = 0.25,
+        image_dropout: float = 0.1,
     ):
         model = dict(model)
         model.pop("_target_", None)
         init = read_checkpoint(init_from, model.get("prediction_type")) if init_from else None
         config = normalize_config(init.config if init else model)
+        if init is not None and model.get("concat") and model["concat"] != config["concat"]:
+            # e.g. init_from=sd15.safetensors conditioning=image_concat: SD's weights, a wider conv_in
+            config = with_concat(config, model["concat"], model.get("semantic_classes"))
         super().__init__(**config, tokenizer_dir=init.tokenizer_dir if init else None)
-        in_channels = self.config["unet"]["in_channels"]
-        # An inpainting UNet also sees the mask and the masked image's latents (SD 1.5/2 inpainting).
-        self.inpainting = in_channels == 2 * self.latent_channels + 1
-        if in_channels != self.latent_channels and not self.inpainting:
-            raise ValueError(
-                f"the UNet takes {in_channels} input channels: neither text-to-image ({self.latent_channels}, "
-                f"the latent channels) nor inpainting ({2 * self.latent_channels + 1}); other image-conditioned "
-                "models are not supported yet"
-            )
         if not 0.0 <= mask_full_rate <= 1.0:
             raise ValueError(f"mask_full_rate must be in [0, 1], got {mask_full_rate}")
         self.mask_full_rate = mask_full_rate
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        if not 0.0 <= image_dropout <= 1.0 - caption_dropout / 2:
+            raise ValueError(f"image_dropout must be in [0, 1 - caption_dropout / 2], got {image_dropout}")
+        self.image_dropout = image_dropout
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.caption_dropout = caption_dropout
@@ -110,10 +112,17 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
 
     def _load_weights(self, state_dict: dict[str, Tensor], source: str) -> None:
         # Runs before model_ema exists, so the module's keys are exactly the checkpoint's.
-        own = set(self.state_dict())
-        missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
         if missing or unexpected:
             raise CheckpointError(f"init_from={source}: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        state_dict = dict(state_dict)
+        conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
+        given, wanted = state_dict[conv_in], own[conv_in]
+        if given.shape[1] < wanted.shape[1] and given.shape[::2] == wanted.shape[::2]:
+            # New input channels start at zero, so the model starts out as the checkpoint's (as SD's
+            # inpainting and InstructPix2Pix models were made from SD).
+            state_dict[conv_in] = torch.cat([given, given.new_zeros(given.shape[0], wanted.shape[1] - given.shape[1], *given.shape[2:])], dim=1)
         self.load_state_dict(state_dict, strict=True)
 
     def _load_first_stage(self, path: str) -> None:
@@ -129,6 +138,10 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         if isinstance(obj.get("ldm_config"), dict) and "scale_factor" in obj["ldm_config"]:
             self.config["scale_factor"] = float(obj["ldm_config"]["scale_factor"])
             self._scale_measured = True
+
+    @property
+    def inpainting(self) -> bool:
+        return self.concat == "inpainting"
 
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -217,11 +230,28 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             log.info("scale_factor set to %.5f from the first batch", self.config["scale_factor"])
         return self.scale_factor * z
 
-    def _captions(self, captions: list[str]) -> list[str]:
+    def _captions(self, captions: list[str], draw: Tensor | None = None) -> list[str]:
         if self.caption_dropout <= 0:
             return list(captions)
-        keep = torch.rand(len(captions), generator=self.generator, device=self.device) >= self.caption_dropout
+        if draw is None:
+            draw = torch.rand(len(captions), generator=self.generator, device=self.device)
+        keep = draw >= self.caption_dropout
         return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+
+    def _batch_part(self, batch: dict[str, Any], key: str, data_key: str) -> Tensor:
+        if key not in batch:
+            raise ValueError(
+                f"a {self.concat} model trains on batches with {key!r}: set data.{data_key} to the shards' "
+                f"key for it (or use the conditioning={self.concat} config group)"
+            )
+        return batch[key]
+
+    @torch.no_grad()
+    def _image_condition(self, batch: dict[str, Any], drop: Tensor) -> Tensor:
+        """The conditioning picture's unscaled posterior mode (InstructPix2Pix), zeroed where `drop`."""
+        cond = self._batch_part(batch, "cond_image", "cond_image_key").to(self.dtype)
+        latents = self.first_stage_model.encode(cond).mode()
+        return latents * (~drop).to(latents.dtype)[:, None, None, None]
 
     @torch.no_grad()
     def _inpainting_condition(self, batch: dict[str, Any], z0: Tensor) -> Tensor:
@@ -257,10 +287,26 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             per_sample = per_sample * self.schedule.min_snr_weight(t, self.min_snr_gamma, self.prediction_type)
         return per_sample.mean()
 
+    def _concat_and_captions(self, batch: dict[str, Any], z0: Tensor) -> tuple[Tensor | None, list[str]]:
+        if self.concat == "image":
+            # One draw per sample decides both drops, as InstructPix2Pix: with caption_dropout = image_dropout
+            # = 2p, text alone, both and image alone are each dropped for a share p of the samples.
+            draw = torch.rand(len(batch["caption"]), generator=self.generator, device=self.device)
+            start = self.caption_dropout / 2
+            concat = self._image_condition(batch, (draw >= start) & (draw < start + self.image_dropout))
+            return concat, self._captions(batch["caption"], draw)
+        if self.concat == "inpainting":
+            concat = self._inpainting_condition(batch, z0)
+        elif self.concat == "semantic_map":
+            seg = self._batch_part(batch, "seg", "seg_key")
+            concat = semantic_condition(seg, self.config["semantic_classes"], tuple(z0.shape[-2:])).to(z0)
+        else:
+            concat = None
+        return concat, self._captions(batch["caption"])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         z0 = self._latents(batch)
-        concat = self._inpainting_condition(batch, z0) if self.inpainting else None
-        captions = self._captions(batch["caption"])
+        concat, captions = self._concat_and_captions(batch, z0)
         with torch.set_grad_enabled(self.train_text_encoder):
             context = self.encode_text(captions)
         loss = self.diffusion_loss(z0, context if concat is None else {"crossattn": context, "concat": concat})
