@@ -17,7 +17,13 @@ from test_train import BARE, QUIET, compose_train, load_ckpt, run_dir, user_erro
 from ldm.checkpoint import checkpoint_from_model, read_checkpoint, save_ldm_file
 from ldm.cli.sample import run
 from ldm.cli.train import train
-from ldm.data.synthetic import SEMANTIC_CLASSES
+from ldm.data.synthetic import (
+    SEMANTIC_CLASSES,
+    edit_eval_set,
+    edit_fidelity,
+    judge_colours,
+    parse_instruction,
+)
 from ldm.models.stable_diffusion import StableDiffusion, normalize_config
 
 SEMANTIC = ["conditioning=semantic_map", f"model.semantic_classes={SEMANTIC_CLASSES}"]
@@ -47,6 +53,9 @@ def test_edit_model_trains_on_edit_pairs_and_edits_with_sample_py(tmp_path: Path
     # The sample grid shows each training pair's "before" picture beside the edit: twice as wide.
     grid = Image.open(sorted((out / "samples").glob("step-*.png"))[-1])
     assert grid.size == (2 * 64, 32), "two validation prompts, each a 32x32 pair side by side"
+    # ...sampled with the instructions that came with those pictures, not the text-to-image prompts
+    captions = sorted((out / "samples").glob("step-*.txt"))[-1].read_text().splitlines()
+    assert len(captions) == 2 and all(parse_instruction(c) for c in captions)
     before = tmp_path / "before.png"
     Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(before)
     (edited,) = run(sample_config([f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "prompt='make the circle red'",
@@ -114,3 +123,13 @@ def test_semantic_map_needs_its_class_count(tmp_path: Path) -> None:
         train(cfg)
     shown = user_error(err.value)
     assert shown is not None and "semantic_classes" in str(shown)
+
+
+def test_edit_eval_set_needs_an_edit_to_score() -> None:
+    """The edit demo's test pictures: no instruction is already done, so copying the input scores 0."""
+    pictures, instructions = edit_eval_set(resolution=32)
+    assert pictures.shape == (len(instructions), 32, 32, 3) and len(set(instructions)) == len(instructions)
+    for picture, instruction in zip(pictures, instructions, strict=True):
+        _, colour = parse_instruction(instruction)
+        assert colour not in judge_colours(picture)
+    assert edit_fidelity(pictures, pictures, instructions) == 0.0

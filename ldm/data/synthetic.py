@@ -354,6 +354,20 @@ def edit_fidelity(
     return hits / len(instructions)
 
 
+def edit_eval_set(resolution: int = 32, seed: int = 1234) -> tuple[np.ndarray, list[str]]:
+    """(before pictures N×H×W×3 uint8, instructions): every instruction of `all_edit_prompts`, each with
+    a before picture of its shape in another colour on a background of a third (the edit demo's test)."""
+    rng = np.random.default_rng(seed)
+    pictures = []
+    instructions = all_edit_prompts()
+    for instruction in instructions:
+        shape, after = parse_instruction(instruction)
+        others = [c for c in _PALETTE_NAMES if c != after]
+        before, background = (others[i] for i in rng.choice(len(others), size=2, replace=False))
+        pictures.append(draw_shape(shape, before, background, resolution, random_placement(resolution, rng)))
+    return np.stack(pictures), instructions
+
+
 # what each variant's batches need from WebDataModule
 _VARIANT_KEYS: dict[str, dict[str, Any]] = {
     "caption": {},
@@ -365,7 +379,8 @@ _VARIANT_KEYS: dict[str, dict[str, Any]] = {
 class ShapesDataModule(WebDataModule):
     """The demo's DataModule: generates the shapes shards under `root` once, then streams them.
 
-    `variant="semantic"` adds `seg` to the batches, `variant="edit"` adds `cond_image`.
+    `variant="semantic"` adds `seg` to the batches, `variant="edit"` adds `cond_image`; those two
+    variants live in `root/semantic` and `root/edit`.
     """
 
     def __init__(
@@ -379,6 +394,8 @@ class ShapesDataModule(WebDataModule):
         **kwargs: Any,
     ) -> None:
         _check_variant(variant)
+        # Each variant in its own folder: switching conditionings never rewrites another's shards.
+        root = root if variant == "caption" else f"{root}/{variant}"
         clashes = {k: kwargs[k] for k, v in _VARIANT_KEYS[variant].items() if kwargs.get(k) not in (None, v)}
         if clashes:
             raise ValueError(f"variant={variant!r} sets {_VARIANT_KEYS[variant]}; got {clashes}")

@@ -38,8 +38,9 @@ class SampleImages(L.Callback):
     and log a captioned grid to every logger; the PNG also lands in `<run dir>/samples/`.
 
     Pinning the prompts and z_T makes grids comparable across steps: the change is the training.
-    Models conditioned on a picture or a semantic map take theirs from the first training batch of the
-    run (pinned from then on); an edit model's grid shows each input picture beside its output.
+    Models conditioned on a picture or a semantic map sample the pictures or maps of the run's first
+    training batch with their captions (as many as there are prompts, pinned from then on); an edit
+    model's grid shows each input picture beside its output.
     """
 
     # The batch entry that conditions each kind of model (see LatentDiffusion.concat).
@@ -56,12 +57,15 @@ class SampleImages(L.Callback):
         resolution: int | None = None,
         use_ema: bool = True,
         on_train_end: bool = True,
+        image_guidance_scale: float = 1.5,
     ):
         if not prompts:
             raise ValueError("SampleImages needs at least one validation prompt")
         self.prompts = list(prompts)
         self.every_n_steps = every_n_steps
-        self.settings = SamplerSettings(sampler=sampler, steps=steps, guidance_scale=guidance_scale)
+        self.settings = SamplerSettings(
+            sampler=sampler, steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale
+        )
         self.seed = seed
         self.resolution = resolution
         self.use_ema = use_ema
@@ -72,8 +76,10 @@ class SampleImages(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         key = self.INPUT_KEYS.get(getattr(pl_module, "concat", None))
         if key is not None and self.inputs is None and key in batch:
+            # A picture or map and its caption go together: both are pinned, in place of the prompts.
             rows = torch.arange(len(self.prompts)) % len(batch[key])
             self.inputs = batch[key][rows.to(batch[key].device)].detach().cpu()
+            self.prompts = [batch["caption"][i] for i in rows.tolist()]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -163,26 +169,49 @@ class CaptionFidelity(L.Callback):
         steps: int = 25,
         guidance_scale: float = 5.0,
         seed: int = 1234,
+        image_guidance_scale: float = 1.5,
     ):
         self.sampler = SampleImages(prompts, every_n_steps=0, sampler=sampler, steps=steps,
-                                    guidance_scale=guidance_scale, seed=seed, on_train_end=False)
+                                    guidance_scale=guidance_scale, seed=seed, on_train_end=False,
+                                    image_guidance_scale=image_guidance_scale)
         self.judge = judge
         self.score: float | None = None
 
+    name = "caption fidelity"
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.sampler.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def _judge(self, images: list[np.ndarray]) -> float:
+        return self.judge(images, self.sampler.prompts)
+
+
+class EditFidelity(CaptionFidelity):
+    """CaptionFidelity for edit models: each instruction applied to its own fixed before picture, scored by
+    a judge `(images, before pictures, instructions) -> share` — for the edit demo, `edit_fidelity`."""
+
+    name = "edit fidelity"
+
+    def __init__(self, eval_set: tuple[np.ndarray, list[str]], judge: Any, **kwargs: Any):
+        pictures, instructions = eval_set
+        super().__init__(list(instructions), judge, **kwargs)
+        self.pictures = np.asarray(pictures, dtype=np.uint8)
+        self.sampler.inputs = torch.from_numpy(self.pictures).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def _judge(self, images: list[np.ndarray]) -> float:
+        return self.judge(images, self.pictures, self.sampler.prompts)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         images = self.sampler.sample(pl_module)  # on every rank, as SampleImages
         if not trainer.is_global_zero:
             return
-        self.score = float(self.judge(images, self.sampler.prompts))
+        self.score = float(self._judge(images))
         out = Path(trainer.default_root_dir) / "samples"
         out.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image_grid(images)).save(out / "caption-fidelity.png")
         (out / "caption-fidelity.txt").write_text(f"{self.score:.4f}\n" + "\n".join(self.sampler.prompts) + "\n")
         for logger in trainer.loggers:
-            logger.log_metrics({"demo/caption_fidelity": self.score}, step=trainer.global_step)
-        message = f"caption fidelity: {self.score:.3f} of {len(images)} generated images match their prompt's colours"
+            logger.log_metrics({f"demo/{self.name.replace(' ', '_')}": self.score}, step=trainer.global_step)
+        message = f"{self.name}: {self.score:.3f} of {len(images)} generated images match their prompt's colours"
         log.info(message)
         print(message)
