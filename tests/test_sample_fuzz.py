@@ -1,8 +1,9 @@
 """Randomized end-to-end parity: sample.py's `run(cfg)` against diffusers' StableDiffusionPipeline.
 
 Each seed draws a random valid setting (model structure, checkpoint format, sampler and its options,
-steps, guidance, negative prompt, image count, non-square size, timestep spacing), writes a tiny random
-model, and compares the PNGs with the pipeline's images driven by the matching scheduler.
+steps, guidance, negative prompt, image count, non-square size, timestep spacing, inpainting or editing),
+writes a tiny random model, and compares the PNGs with the pipeline's images (StableDiffusionPipeline,
+or the inpainting or InstructPix2Pix one) driven by the matching scheduler.
 """
 
 from __future__ import annotations
@@ -57,11 +58,16 @@ class Setting:
     long_prompt: bool = False  # over CLIP's 77 tokens: both must truncate alike
     batch_size: int | None = None  # None: all images in one pass
     inpaint: bool = False  # a 9-channel UNet with image= and mask=: StableDiffusionInpaintPipeline
+    edit: bool = False  # an 8-channel UNet with image=: StableDiffusionInstructPix2PixPipeline
+    image_guidance: float = 1.5
 
 
 # Samplers in turn, so that eight seeds cover each one, ddim with eta 0 and > 0, dpmpp_2m with and
 # without Karras σs.
 ROTATION = ("ddim", "plms", "dpmpp_2m", "euler", "euler_a", "ddpm", "ddim", "dpmpp_2m")
+
+
+FORCED_EDITS = (8, 9)  # seeds that are edit models whatever their draw
 
 
 def draw(seed: int) -> Setting:
@@ -72,7 +78,7 @@ def draw(seed: int) -> Setting:
     karras = (sampler == "dpmpp_2m" and seed % 8 == 7) or (sampler == "euler" and rng.random() < 0.5)
     # Karras σs on the cosine schedule: a documented difference (see ldm.diffusion.samplers.sample)
     schedules = ["scaled_linear", "scaled_linear", "linear"] + ([] if karras else ["cosine"])
-    return Setting(
+    setting = Setting(
         model=rng.choice(["tiny", "tiny_sd2"]),
         fmt=rng.choice(["diffusers", "diffusers", "single"]),
         sampler=sampler,
@@ -94,12 +100,18 @@ def draw(seed: int) -> Setting:
         # several passes draw a stochastic sampler's noise per pass, unlike diffusers: a documented difference
         batch_size=1 if deterministic and rng.random() < 0.3 else None,
     )
+    # Drawn last, so the settings above stay those of the seeds before edit models were added.
+    if not setting.inpaint and (rng.random() < 0.3 or seed in FORCED_EDITS):
+        setting.edit = True
+        setting.image_guidance = rng.choice([1.5, 0.8, round(rng.uniform(1.0, 3.0), 2)])  # guides only at >= 1
+    return setting
 
 
 def write_model(tmp_path: Path, s: Setting) -> Path:
     cfg = tiny_sd2_config() if s.model == "tiny_sd2" else model_config("tiny")
-    if s.inpaint:
-        cfg["unet"]["in_channels"] = 9
+    if s.inpaint or s.edit:
+        cfg["unet"]["in_channels"] = 9 if s.inpaint else 8
+        cfg["scale_factor"] = 0.18215  # SD's: an edit model's picture latents are not scaled by it
     cfg["schedule"].update(
         beta_schedule=s.beta_schedule, steps_offset=s.steps_offset, timestep_spacing=s.stored_spacing
     )
@@ -113,11 +125,13 @@ def prompt(s: Setting) -> str:
     return " ".join([PROMPT] * 8) if s.long_prompt else PROMPT
 
 
-SETTINGS = [draw(seed) for seed in range(8)]
+SETTINGS = [draw(seed) for seed in range(10)]
 
 
 def diffusers_images(folder: Path, s: Setting, inputs: tuple[Path, Path] | None) -> np.ndarray:
-    pipeline = "StableDiffusionInpaintPipeline" if inputs else "StableDiffusionPipeline"
+    pipeline = "StableDiffusionInpaintPipeline" if s.inpaint else "StableDiffusionPipeline"
+    if s.edit:
+        pipeline = "StableDiffusionInstructPix2PixPipeline"
     pipe = getattr(diffusers, pipeline).from_pretrained(str(folder), safety_checker=None)
     # StableDiffusionPipeline.__init__ rewrites a stored steps_offset of 0 to 1 (it deems such configs
     # outdated); we honour the checkpoint's value, so it is given back to their scheduler here.
@@ -135,13 +149,22 @@ def diffusers_images(folder: Path, s: Setting, inputs: tuple[Path, Path] | None)
         guidance_scale=s.guidance,
         eta=s.eta,
         generator=torch.Generator("cpu").manual_seed(s.seed),
-        height=s.height,
-        width=s.width,
         num_images_per_prompt=s.num_images,
         output_type="np",
-        **({"image": Image.open(inputs[0]), "mask_image": Image.open(inputs[1])} if inputs else {}),
+        **call_inputs(s, inputs),
     )
     return (out.images * 255).round().astype("uint8")
+
+
+def call_inputs(s: Setting, inputs: tuple[Path, Path] | None) -> dict:
+    if s.edit:  # the edit pipeline takes its size from the picture
+        assert inputs is not None
+        return {"image": Image.open(inputs[0]), "image_guidance_scale": s.image_guidance}
+    size = {"height": s.height, "width": s.width}
+    if s.inpaint:
+        assert inputs is not None
+        return {**size, "image": Image.open(inputs[0]), "mask_image": Image.open(inputs[1])}
+    return size
 
 
 def our_images(ckpt: Path, out_dir: Path, s: Setting, inputs: tuple[Path, Path] | None) -> np.ndarray:
@@ -164,8 +187,10 @@ def our_images(ckpt: Path, out_dir: Path, s: Setting, inputs: tuple[Path, Path] 
         overrides.append(f"timestep_spacing={s.spacing}")
     if s.eta:
         overrides.append(f"sampler.eta={s.eta}")
-    if inputs:
+    if s.inpaint and inputs:
         overrides += [f"image={inputs[0]}", f"mask={inputs[1]}"]
+    if s.edit and inputs:
+        overrides += [f"image={inputs[0]}", f"image_guidance_scale={s.image_guidance}"]
     if s.batch_size is not None:
         overrides.append(f"batch_size={s.batch_size}")
     if s.karras:
@@ -182,7 +207,7 @@ def test_random_setting_matches_diffusers_pipeline(tmp_path: Path, setting: Sett
     if s.fmt == "single":
         folder = tmp_path / "converted"
         assert convert_main([str(ckpt), str(folder)]) == 0
-    inputs = write_inpainting_inputs(tmp_path, s.height, s.width) if s.inpaint else None
+    inputs = write_inpainting_inputs(tmp_path, s.height, s.width) if s.inpaint or s.edit else None
     theirs = diffusers_images(folder, s, inputs)
     ours = our_images(ckpt, tmp_path / "out", s, inputs)
     assert ours.shape == theirs.shape == (s.num_images, s.height, s.width, 3)
