@@ -204,6 +204,9 @@ def test_experiment_runs_or_names_what_it_needs(name: str, sweep: Sweep) -> None
     (ckpt,) = (sweep.root / "runs" / cfg.run_name).glob("test/checkpoints/last.ckpt")
     assert load_ckpt(ckpt)["global_step"] == 2
     assert list((sweep.root / "runs" / cfg.run_name).glob("test/csv/version_*/metrics.csv"))
+    if (cfg.get("callbacks") or {}).get("caption_fidelity") is not None:  # the demos score themselves
+        (score,) = (sweep.root / "runs" / cfg.run_name).glob("test/samples/*-fidelity.txt")
+        assert 0.0 <= float(score.read_text().splitlines()[0]) <= 1.0
 
 
 def test_fine_tuning_starts_from_the_init_from_weights(sweep: Sweep, tmp_path: Path) -> None:

@@ -19,10 +19,15 @@ from ldm.cli.sample import run
 from ldm.cli.train import train
 from ldm.data.synthetic import (
     SEMANTIC_CLASSES,
+    SHAPES,
     edit_eval_set,
     edit_fidelity,
     judge_colours,
+    layout_fidelity,
+    parse_caption,
     parse_instruction,
+    random_semantic_sample,
+    semantic_eval_set,
 )
 from ldm.models.stable_diffusion import StableDiffusion, normalize_config
 
@@ -133,3 +138,16 @@ def test_edit_eval_set_needs_an_edit_to_score() -> None:
         _, colour = parse_instruction(instruction)
         assert colour not in judge_colours(picture)
     assert edit_fidelity(pictures, pictures, instructions) == 0.0
+
+
+def test_layout_fidelity_wants_the_shape_where_the_map_puts_it() -> None:
+    rng = np.random.default_rng(0)
+    images, maps, captions = zip(*(random_semantic_sample(rng, 32) for _ in range(40)), strict=True)
+    assert layout_fidelity(images, maps, captions) == 1.0
+    moved = [np.roll(m, 16, axis=1) for m in maps]  # the shape on the other side
+    assert layout_fidelity(images, moved, captions) < 0.5
+    eval_maps, eval_captions = semantic_eval_set(resolution=32)
+    assert eval_maps.shape == (90, 32, 32) and len(eval_captions) == 90
+    shapes = {parse_caption(c)[0] for c in eval_captions}
+    assert all(set(np.unique(m)) == {0, 1 + SHAPES.index(parse_caption(c)[0])} for m, c in zip(eval_maps, eval_captions, strict=True))
+    assert shapes == set(SHAPES)

@@ -368,6 +368,40 @@ def edit_eval_set(resolution: int = 32, seed: int = 1234) -> tuple[np.ndarray, l
     return np.stack(pictures), instructions
 
 
+def semantic_eval_set(resolution: int = 32, seed: int = 1234) -> tuple[np.ndarray, list[str]]:
+    """(label maps N×H×W uint8, captions): every caption of `all_captions`, each with a map of its shape
+    at a random place and size (the semantic demo's test)."""
+    rng = np.random.default_rng(seed)
+    captions = all_captions()
+    maps = [draw_labels(parse_caption(c)[0], resolution, random_placement(resolution, rng)) for c in captions]
+    return np.stack(maps), captions
+
+
+def layout_fidelity(
+    images: Sequence[np.ndarray] | np.ndarray,
+    maps: Sequence[np.ndarray] | np.ndarray,
+    captions: Sequence[str],
+    min_iou: float = 0.5,
+) -> float:
+    """Share of images whose colours match their caption and whose shape covers its map's shape: the
+    pixels of the caption's shape colour and the map's shape pixels overlap by at least `min_iou`
+    (intersection over union)."""
+    if not len(images) == len(maps) == len(captions) or len(captions) == 0:
+        raise ValueError(
+            f"need as many images as maps and captions (and some), got {len(images)}, {len(maps)} and {len(captions)}"
+        )
+    hits = 0
+    for image, labels, caption in zip(images, maps, captions, strict=True):
+        image = np.asarray(image)
+        _, colour, background = parse_caption(caption)
+        if judge_colours(image) != (colour, background):
+            continue
+        drawn = _nearest_colours(image.reshape(-1, 3)).reshape(image.shape[:2]) == _PALETTE_NAMES.index(colour)
+        wanted = np.asarray(labels) > 0
+        hits += (drawn & wanted).sum() >= min_iou * (drawn | wanted).sum()
+    return hits / len(captions)
+
+
 # what each variant's batches need from WebDataModule
 _VARIANT_KEYS: dict[str, dict[str, Any]] = {
     "caption": {},

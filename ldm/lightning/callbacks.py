@@ -185,33 +185,37 @@ class CaptionFidelity(L.Callback):
     def _judge(self, images: list[np.ndarray]) -> float:
         return self.judge(images, self.sampler.prompts)
 
-
-class EditFidelity(CaptionFidelity):
-    """CaptionFidelity for edit models: each instruction applied to its own fixed before picture, scored by
-    a judge `(images, before pictures, instructions) -> share` — for the edit demo, `edit_fidelity`."""
-
-    name = "edit fidelity"
-
-    def __init__(self, eval_set: tuple[np.ndarray, list[str]], judge: Any, **kwargs: Any):
-        pictures, instructions = eval_set
-        super().__init__(list(instructions), judge, **kwargs)
-        self.pictures = np.asarray(pictures, dtype=np.uint8)
-        self.sampler.inputs = torch.from_numpy(self.pictures).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-    def _judge(self, images: list[np.ndarray]) -> float:
-        return self.judge(images, self.pictures, self.sampler.prompts)
-
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         images = self.sampler.sample(pl_module)  # on every rank, as SampleImages
         if not trainer.is_global_zero:
             return
         self.score = float(self._judge(images))
+        stem = self.name.replace(" ", "-")
         out = Path(trainer.default_root_dir) / "samples"
         out.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image_grid(images)).save(out / "caption-fidelity.png")
-        (out / "caption-fidelity.txt").write_text(f"{self.score:.4f}\n" + "\n".join(self.sampler.prompts) + "\n")
+        Image.fromarray(image_grid(images)).save(out / f"{stem}.png")
+        (out / f"{stem}.txt").write_text(f"{self.score:.4f}\n" + "\n".join(self.sampler.prompts) + "\n")
         for logger in trainer.loggers:
-            logger.log_metrics({f"demo/{self.name.replace(' ', '_')}": self.score}, step=trainer.global_step)
-        message = f"{self.name}: {self.score:.3f} of {len(images)} generated images match their prompt's colours"
+            logger.log_metrics({f"demo/{stem.replace('-', '_')}": self.score}, step=trainer.global_step)
+        message = f"{self.name}: {self.score:.3f} of {len(images)} generated images match their prompt"
         log.info(message)
         print(message)
+
+
+class InputFidelity(CaptionFidelity):
+    """CaptionFidelity for conditioned models: each prompt sampled with its own fixed input — a before
+    picture (N×H×W×3 uint8, edit models) or a class map (N×H×W integers, semantic-map models) — and
+    scored by a judge `(images, inputs, prompts) -> share` (the demos: `edit_fidelity`, `layout_fidelity`)."""
+
+    def __init__(self, eval_set: tuple[np.ndarray, list[str]], judge: Any, name: str = "edit fidelity", **kwargs: Any):
+        inputs, prompts = eval_set
+        super().__init__(list(prompts), judge, **kwargs)
+        self.name = name
+        self.inputs = np.asarray(inputs)
+        if self.inputs.ndim == 4:  # pictures, as the sampler takes them: [-1, 1], channels first
+            self.sampler.inputs = torch.from_numpy(self.inputs).permute(0, 3, 1, 2).float() / 127.5 - 1
+        else:
+            self.sampler.inputs = torch.from_numpy(self.inputs.astype(np.int64))
+
+    def _judge(self, images: list[np.ndarray]) -> float:
+        return self.judge(images, self.inputs, self.sampler.prompts)
