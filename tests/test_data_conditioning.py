@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
+from test_data import _write_tar
 
 from ldm.data import webdataset as wdm
 from ldm.data.make_shards import make_shards
@@ -58,13 +58,6 @@ def _palette_png(labels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _write_tar(path: Path, samples: list[dict[str, str | bytes]]) -> str:
-    with wds.TarWriter(str(path), encoder=False) as writer:
-        for sample in samples:
-            writer.write(sample)
-    return str(path)
 
 
 def _read_all(dm: WebDataModule) -> list[dict]:

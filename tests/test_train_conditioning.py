@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from test_sample import sample_config
-from test_train import BARE, QUIET, compose_train, load_ckpt, run_dir, user_error
+from test_train import BARE, QUIET, _one_thread, compose_train, load_ckpt, run_dir, user_error  # noqa: F401 (autouse fixture)
 
 from ldm.checkpoint import checkpoint_from_model, read_checkpoint, save_ldm_file
 from ldm.cli.sample import run
@@ -32,14 +32,6 @@ from ldm.data.synthetic import (
 from ldm.models.stable_diffusion import StableDiffusion, normalize_config
 
 SEMANTIC = ["conditioning=semantic_map", f"model.semantic_classes={SEMANTIC_CLASSES}"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def module_of(cfg):
