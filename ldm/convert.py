@@ -50,7 +50,8 @@ def convert(args: argparse.Namespace) -> str:
     unet = ckpt.config["unet"]
     summary = (
         f"wrote {dst}: text encoder {ckpt.config['cond_stage']['kind']}, context_dim {unet.get('context_dim')}, "
-        f"in_channels {unet['in_channels']}, prediction_type {ckpt.config['prediction_type']}"
+        f"in_channels {unet['in_channels']} ({ckpt.config['concat'] or 'text-to-image'}), "
+        f"prediction_type {ckpt.config['prediction_type']}"
     )
     return summary + ("; EMA weights kept (model_ema / unet_ema)" if ckpt.has_ema() else "")
 

@@ -262,6 +262,8 @@ def test_loss_falls_on_demo_shards(tmp_path: Path) -> None:
         (None, "max_steps", []),
         (4, "max_steps", []),
         (4, "kill", ["model.unet.in_channels=9"]),  # inpainting: its random masks resume too
+        (4, "kill", ["conditioning=image_concat", "module.image_dropout=0.5"]),  # edit pairs, picture dropout
+        (None, "max_steps", ["conditioning=semantic_map", "model.semantic_classes=4"]),  # class maps
     ],
 )
 def test_resume_from_a_mid_run_checkpoint_continues_exactly(

@@ -102,6 +102,8 @@ def test_semantic_model_trains_on_maps_and_follows_seg_in_sample_py(tmp_path: Pa
     cfg = compose_train(tmp_path, [*SEMANTIC, "trainer.max_steps=3", "callbacks.sample_images.every_n_steps=2", *QUIET])
     assert cfg.data.variant == "semantic"
     train(cfg)
+    grid = Image.open(sorted((run_dir(tmp_path) / "samples").glob("step-*.png"))[-1])
+    assert grid.size == (2 * 64, 32), "each 32x32 sample beside its coloured map"
     ckpt_path = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
     ckpt = read_checkpoint(ckpt_path)
     assert ckpt.config["concat"] == "semantic_map" and ckpt.config["unet"]["in_channels"] == 4 + SEMANTIC_CLASSES

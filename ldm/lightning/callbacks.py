@@ -33,14 +33,21 @@ def image_batch_size(batch: dict[str, Any]) -> int:
     return int((batch["image"] if "image" in batch else batch["moments"]).shape[0])
 
 
+def colour_maps(maps: np.ndarray) -> np.ndarray:
+    """Class-index maps (N×H×W) as N×H×W×3 uint8 pictures: class 0 black, the others fixed colours."""
+    palette = np.random.default_rng(0).integers(64, 256, (int(maps.max()) + 1, 3), dtype=np.uint8)
+    palette[0] = 0
+    return palette[maps]
+
+
 class SampleImages(L.Callback):
     """Every `every_n_steps`, sample the validation prompts with the same noise (EMA weights when present)
     and log a captioned grid to every logger; the PNG also lands in `<run dir>/samples/`.
 
     Pinning the prompts and z_T makes grids comparable across steps: the change is the training.
     Models conditioned on a picture or a semantic map sample the pictures or maps of the run's first
-    training batch with their captions (as many as there are prompts, pinned from then on); an edit
-    model's grid shows each input picture beside its output.
+    training batch with their captions (as many as there are prompts, pinned from then on); their grids
+    show each input picture or (coloured) map beside its output.
     """
 
     # The batch entry that conditions each kind of model (see LatentDiffusion.concat).
@@ -133,9 +140,10 @@ class SampleImages(L.Callback):
         self._last_step = trainer.global_step
         # Every rank samples: under trainer=fsdp each forward gathers the weights from all ranks.
         images = self.sample(pl_module)
-        if getattr(pl_module, "concat", None) == "image" and self.inputs is not None:
-            images = [np.concatenate([before, after], axis=1) for before, after in zip(
-                tensor_to_uint8(self.inputs), images, strict=True)]
+        concat = getattr(pl_module, "concat", None)
+        if concat in self.INPUT_KEYS and self.inputs is not None:
+            shown = tensor_to_uint8(self.inputs) if concat == "image" else colour_maps(self.inputs.numpy())
+            images = [np.concatenate([given, made], axis=1) for given, made in zip(shown, images, strict=True)]
         if not trainer.is_global_zero:
             return
         grid = image_grid(images)
