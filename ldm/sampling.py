@@ -44,6 +44,7 @@ class SamplerSettings:
     timestep_spacing: str | None = None
     steps_offset: int | None = None
     image_guidance_scale: float = 1.5  # InstructPix2Pix-style models only (diffusers' default)
+    strength: float = 0.8  # image-to-image only: the share of the steps run from the noised picture
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -151,6 +152,7 @@ def generate(
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
     concat: Tensor | None = None,
+    init_latents: Tensor | None = None,
     callback: Callable | None = None,
 ) -> Tensor:
     """Images in [0, 1], shape (len(prompts), 3, height, width).
@@ -159,6 +161,8 @@ def generate(
     otherwise it is drawn from `generator` (a CPU generator). `concat` (1 or B, k, h, w) is appended to
     z_t's channels at every step, as the model's `concat` kind asks: `inpainting_condition(...)`,
     `image_condition(...)` (guided by `settings.image_guidance_scale` too) or `semantic_condition(...)`.
+    `init_latents` (1 or B, C, h, w; scaled, e.g. `model.encode_images(picture, generator)`) makes it
+    image-to-image: `noise` noises them to the step that `settings.strength` starts from.
     """
     settings = settings or SamplerSettings()
     _check_concat(model, concat)
@@ -210,6 +214,8 @@ def generate(
         eta=settings.eta,
         karras=settings.karras,
         callback=callback,
+        init_latents=None if init_latents is None else init_latents.to(noise).expand_as(noise),
+        strength=settings.strength,
     )
     images = model.decode_latents(latents)
     return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -13,7 +13,7 @@ import torch
 from helpers import model_config, randomize_
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_sample import NEGATIVE, PROMPT, sample_config
+from test_sample import NEGATIVE, PROMPT, sample_config, tiny_sd2_config
 
 from ldm.checkpoint import CheckpointError, checkpoint_from_model, read_checkpoint, save_checkpoint
 from ldm.cli.sample import run
@@ -170,3 +170,66 @@ def test_wrong_inputs_for_a_model_are_one_clear_line(tmp_path):
         )
         assert proc.returncode != 0
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def text_model(tmp_path: Path, seed: int, sd2: bool = False) -> Path:
+    cfg = tiny_sd2_config() if sd2 else model_config("tiny")
+    cfg["scale_factor"] = 0.18215  # SD's: the picture's latents are scaled, unlike an edit model's
+    model = randomize_(StableDiffusion.from_config(cfg), std=0.08, seed=seed)
+    path = tmp_path / "sd"
+    save_checkpoint(checkpoint_from_model(model), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "steps", "strength", "g", "seed", "height", "width", "sd2"),
+    [
+        ("ddim", "DDIMScheduler", 10, 0.8, 7.5, 0, 32, 32, False),
+        ("plms", "PNDMScheduler", 10, 0.55, 5.0, 1, 32, 48, False),
+        ("dpmpp_2m", "DPMSolverMultistepScheduler", 9, 0.6, 6.0, 2, 40, 32, True),
+        ("euler", "EulerDiscreteScheduler", 8, 0.75, 4.0, 3, 32, 32, True),
+        ("euler_a", "EulerAncestralDiscreteScheduler", 8, 1.0, 5.0, 4, 48, 32, False),
+        ("ddpm", "DDPMScheduler", 7, 0.3, 1.0, 5, 32, 40, False),  # no guidance, 2 of 7 steps
+    ],
+)
+def test_image_to_image_matches_diffusers_img2img(tmp_path, sampler, scheduler, steps, strength, g, seed, height, width, sd2):
+    diffusers = pytest.importorskip("diffusers")
+    folder = text_model(tmp_path, seed, sd2)
+    picture = write_picture(tmp_path / "start.png", height + 3, width, seed)  # rounded down, as diffusers
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        PROMPT, image=Image.open(picture), strength=strength, negative_prompt=NEGATIVE, num_inference_steps=steps,
+        guidance_scale=g, generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=2, output_type="np",
+    ).images
+    theirs = (theirs * 255).round().astype("uint8")
+    cfg = sample_config([
+        f"ckpt={folder}", f"prompt='{PROMPT}'", f"negative_prompt='{NEGATIVE}'", f"image={picture}",
+        f"strength={strength}", f"sampler={sampler}", f"steps={steps}", f"guidance_scale={g}", f"seed={seed}",
+        "num_images=2", f"out_dir={tmp_path / 'out'}", "device=cpu",
+    ])
+    ours = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in run(cfg) if not p.name.startswith("grid")])
+    assert ours.shape == theirs.shape == (2, height, width, 3)
+    assert ours.std() > 5
+    diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+
+
+def test_image_to_image_keeps_more_of_the_picture_at_low_strength(tmp_path):
+    folder = text_model(tmp_path, 7)
+    picture = write_picture(tmp_path / "start.png", 32, 32, 7)
+    model = read_checkpoint(folder).build_model()
+    with torch.no_grad():  # what the (random) autoencoder makes of the picture: where strength 0 would end
+        pixels = torch.from_numpy(np.asarray(Image.open(picture).convert("RGB"))).permute(2, 0, 1)[None] / 127.5 - 1
+        start = ((model.first_stage_model.decode(model.first_stage_model.encode(pixels).mode()) + 1) * 127.5)
+    start = start.clamp(0, 255)[0].permute(1, 2, 0).numpy()
+
+    def distance(strength: float) -> float:
+        cfg = sample_config([f"ckpt={folder}", "prompt=x", f"image={picture}", f"strength={strength}", "steps=10",
+                             f"out_dir={tmp_path / str(strength)}"])
+        return float(np.abs(np.asarray(Image.open(run(cfg)[0]).convert("RGB")).astype(int) - start).mean())
+
+    assert distance(0.2) < distance(0.6) < distance(1.0)
+    with pytest.raises(ValueError, match="strength 0.05 of 10 steps leaves no step"):
+        distance(0.05)

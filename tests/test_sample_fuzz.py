@@ -1,9 +1,10 @@
 """Randomized end-to-end parity: sample.py's `run(cfg)` against diffusers' StableDiffusionPipeline.
 
 Each seed draws a random valid setting (model structure, checkpoint format, sampler and its options,
-steps, guidance, negative prompt, image count, non-square size, timestep spacing, inpainting or editing),
+steps, guidance, negative prompt, image count, non-square size, timestep spacing, inpainting, editing or
+image-to-image),
 writes a tiny random model, and compares the PNGs with the pipeline's images (StableDiffusionPipeline,
-or the inpainting or InstructPix2Pix one) driven by the matching scheduler.
+or the inpainting, InstructPix2Pix or img2img one) driven by the matching scheduler.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Setting:
     inpaint: bool = False  # a 9-channel UNet with image= and mask=: StableDiffusionInpaintPipeline
     edit: bool = False  # an 8-channel UNet with image=: StableDiffusionInstructPix2PixPipeline
     image_guidance: float = 1.5
+    strength: float | None = None  # a text-to-image model with image=: StableDiffusionImg2ImgPipeline
 
 
 # Samplers in turn, so that eight seeds cover each one, ddim with eta 0 and > 0, dpmpp_2m with and
@@ -68,6 +70,7 @@ ROTATION = ("ddim", "plms", "dpmpp_2m", "euler", "euler_a", "ddpm", "ddim", "dpm
 
 
 FORCED_EDITS = (8, 9)  # seeds that are edit models whatever their draw
+FORCED_IMG2IMG = (10, 11)  # and image-to-image runs
 
 
 def draw(seed: int) -> Setting:
@@ -101,17 +104,20 @@ def draw(seed: int) -> Setting:
         batch_size=1 if deterministic and rng.random() < 0.3 else None,
     )
     # Drawn last, so the settings above stay those of the seeds before edit models were added.
-    if not setting.inpaint and (rng.random() < 0.3 or seed in FORCED_EDITS):
+    if not setting.inpaint and seed not in FORCED_IMG2IMG and (rng.random() < 0.3 or seed in FORCED_EDITS):
         setting.edit = True
         setting.image_guidance = rng.choice([1.5, 0.8, round(rng.uniform(1.0, 3.0), 2)])  # guides only at >= 1
+    elif not setting.inpaint and (rng.random() < 0.3 or seed in FORCED_IMG2IMG):
+        setting.strength = round(rng.uniform(0.3, 1.0), 2)
+        setting.steps = max(setting.steps, 4)  # so that some strengths skip steps
     return setting
 
 
 def write_model(tmp_path: Path, s: Setting) -> Path:
     cfg = tiny_sd2_config() if s.model == "tiny_sd2" else model_config("tiny")
-    if s.inpaint or s.edit:
-        cfg["unet"]["in_channels"] = 9 if s.inpaint else 8
-        cfg["scale_factor"] = 0.18215  # SD's: an edit model's picture latents are not scaled by it
+    if s.inpaint or s.edit or s.strength is not None:
+        cfg["unet"]["in_channels"] = 9 if s.inpaint else 8 if s.edit else 4
+        cfg["scale_factor"] = 0.18215  # SD's: scales the start picture's latents, not an edit model's
     cfg["schedule"].update(
         beta_schedule=s.beta_schedule, steps_offset=s.steps_offset, timestep_spacing=s.stored_spacing
     )
@@ -125,13 +131,15 @@ def prompt(s: Setting) -> str:
     return " ".join([PROMPT] * 8) if s.long_prompt else PROMPT
 
 
-SETTINGS = [draw(seed) for seed in range(10)]
+SETTINGS = [draw(seed) for seed in range(12)]
 
 
 def diffusers_images(folder: Path, s: Setting, inputs: tuple[Path, Path] | None) -> np.ndarray:
     pipeline = "StableDiffusionInpaintPipeline" if s.inpaint else "StableDiffusionPipeline"
     if s.edit:
         pipeline = "StableDiffusionInstructPix2PixPipeline"
+    if s.strength is not None:
+        pipeline = "StableDiffusionImg2ImgPipeline"
     pipe = getattr(diffusers, pipeline).from_pretrained(str(folder), safety_checker=None)
     # StableDiffusionPipeline.__init__ rewrites a stored steps_offset of 0 to 1 (it deems such configs
     # outdated); we honour the checkpoint's value, so it is given back to their scheduler here.
@@ -157,9 +165,12 @@ def diffusers_images(folder: Path, s: Setting, inputs: tuple[Path, Path] | None)
 
 
 def call_inputs(s: Setting, inputs: tuple[Path, Path] | None) -> dict:
-    if s.edit:  # the edit pipeline takes its size from the picture
+    if s.edit:  # the edit and img2img pipelines take their size from the picture
         assert inputs is not None
         return {"image": Image.open(inputs[0]), "image_guidance_scale": s.image_guidance}
+    if s.strength is not None:
+        assert inputs is not None
+        return {"image": Image.open(inputs[0]), "strength": s.strength}
     size = {"height": s.height, "width": s.width}
     if s.inpaint:
         assert inputs is not None
@@ -191,6 +202,8 @@ def our_images(ckpt: Path, out_dir: Path, s: Setting, inputs: tuple[Path, Path] 
         overrides += [f"image={inputs[0]}", f"mask={inputs[1]}"]
     if s.edit and inputs:
         overrides += [f"image={inputs[0]}", f"image_guidance_scale={s.image_guidance}"]
+    if s.strength is not None and inputs:
+        overrides += [f"image={inputs[0]}", f"strength={s.strength}"]
     if s.batch_size is not None:
         overrides.append(f"batch_size={s.batch_size}")
     if s.karras:
@@ -207,7 +220,8 @@ def test_random_setting_matches_diffusers_pipeline(tmp_path: Path, setting: Sett
     if s.fmt == "single":
         folder = tmp_path / "converted"
         assert convert_main([str(ckpt), str(folder)]) == 0
-    inputs = write_inpainting_inputs(tmp_path, s.height, s.width) if s.inpaint or s.edit else None
+    conditioned = s.inpaint or s.edit or s.strength is not None
+    inputs = write_inpainting_inputs(tmp_path, s.height, s.width) if conditioned else None
     theirs = diffusers_images(folder, s, inputs)
     ours = our_images(ckpt, tmp_path / "out", s, inputs)
     assert ours.shape == theirs.shape == (s.num_images, s.height, s.width, 3)

@@ -4,6 +4,7 @@
     python sample.py ckpt=sd21-768.safetensors prediction_type=v_prediction height=768 width=768 prompt="..."
     python sample.py ckpt=out/diffusers prompt_file=prompts.txt num_images=4 \\
         "negative_prompt='blurry, low quality'"
+    python sample.py ckpt=sd15.safetensors prompt="a watercolour castle" image=sketch.png strength=0.6
     python sample.py ckpt=sd15-inpainting.safetensors prompt="a red sofa" image=room.png mask=mask.png
     python sample.py ckpt=instruct-pix2pix.safetensors prompt="make it snowy" image=street.png image_guidance_scale=1.5
     python sample.py ckpt=outputs/layout/.../last.ckpt prompt="..." seg=layout.png
@@ -90,9 +91,10 @@ def read_picture(path: str, what: str) -> Image.Image:
 
 
 def output_size(cfg: DictConfig, model: Any) -> tuple[int, int]:
-    """(height, width): as asked; else an edit model's input picture's size (rounded down to the
-    autoencoder's multiple, as diffusers' InstructPix2Pix pipeline does); else the model's native size."""
-    if model.concat == "image" and cfg.image is not None and (cfg.height is None or cfg.width is None):
+    """(height, width): as asked; else the input picture's size for image-to-image and edit models
+    (rounded down to the autoencoder's multiple, as diffusers' img2img and InstructPix2Pix pipelines
+    do); else the model's native size."""
+    if model.concat in (None, "image") and cfg.image is not None and (cfg.height is None or cfg.width is None):
         factor = model.downsampling_factor
         width, height = (v - v % factor for v in read_picture(cfg.image, "image").size)
         return cfg.height or height, cfg.width or width
@@ -117,7 +119,8 @@ def _wrong_inputs(model: Any, given: set[str], wanted: set[str]) -> str:
     if kind is None:
         return (
             f"this is a text-to-image model ({channels} UNet input channels), not an inpainting model or another "
-            f"image-conditioned one: drop {extra}"
+            f"image-conditioned one: it takes image=PATH alone (image-to-image, with strength=); drop "
+            + " and ".join(f"{k}=" for k in sorted(given - {"image"}))
         )
     if kind == "inpainting" and given and given < wanted:
         return "inpainting needs both image=PATH and mask=PATH (white = the area to repaint)"
@@ -128,12 +131,27 @@ def _wrong_inputs(model: Any, given: set[str], wanted: set[str]) -> str:
     )
 
 
+def img2img_latents(
+    cfg: DictConfig, model: Any, height: int, width: int, generator: torch.Generator
+) -> torch.Tensor | None:
+    """A text-to-image model given image=: the picture's scaled latents (a posterior sample, drawn before
+    the noise as diffusers' img2img pipeline draws it); None otherwise."""
+    if model.concat is not None or cfg.image is None or cfg.mask is not None or cfg.get("seg") is not None:
+        return None
+    picture = image_to_tensor(read_picture(cfg.image, "image"), height, width)
+    param = next(model.first_stage_model.parameters())
+    with torch.no_grad():
+        return model.encode_images(picture.to(device=param.device, dtype=param.dtype), generator)
+
+
 def concat_input(
     cfg: DictConfig, model: Any, height: int, width: int, generator: torch.Generator
 ) -> torch.Tensor | None:
     """What the model's UNet sees besides z_t, from image=, mask= and seg=; None for text-to-image."""
     given = {k: cfg.get(k) for k in ("image", "mask", "seg") if cfg.get(k) is not None}
     wanted = {None: set(), "inpainting": {"image", "mask"}, "image": {"image"}, "semantic_map": {"seg"}}[model.concat]
+    if model.concat is None and set(given) == {"image"}:
+        return None  # image-to-image: the picture starts the run (see img2img_latents), nothing is concatenated
     if set(given) != wanted:
         raise UsageError(_wrong_inputs(model, set(given), wanted))
     if model.concat is None:
@@ -191,6 +209,7 @@ def run(cfg: DictConfig) -> list[Path]:
         timestep_spacing=cfg.timestep_spacing,
         steps_offset=cfg.steps_offset,
         image_guidance_scale=cfg.image_guidance_scale,
+        strength=cfg.strength,
     )
     device = resolve_device(cfg.device)
     model = load_model(cfg.ckpt, cfg.prediction_type, cfg.ema, cfg.allow_unsafe_pickle)
@@ -203,6 +222,7 @@ def run(cfg: DictConfig) -> list[Path]:
     for prompt in prompts:
         # One generator per prompt: the same prompt and seed give the same images wherever they stand.
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        init_latents = img2img_latents(cfg, model, height, width, generator)
         noise = initial_noise(
             cfg.num_images, model.latent_channels, height, width, model.downsampling_factor, generator
         )
@@ -221,6 +241,7 @@ def run(cfg: DictConfig) -> list[Path]:
                 generator=generator,
                 noise=chunk,
                 concat=concat,
+                init_latents=init_latents,
                 callback=lambda *_, bar=bar: bar.update(),
             )
             bar.close()
@@ -237,6 +258,7 @@ def run(cfg: DictConfig) -> list[Path]:
             "checkpoint": str(cfg.ckpt),
             **{k: str(cfg.get(k)) for k in ("image", "mask", "seg") if cfg.get(k) is not None},
             **({"image_guidance_scale": settings.image_guidance_scale} if model.concat == "image" else {}),
+            **({"strength": settings.strength} if init_latents is not None else {}),
         }
         for i, image in enumerate(images):
             path = out_dir / f"{index:05d}.png"

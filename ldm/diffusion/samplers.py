@@ -128,6 +128,7 @@ def sample_ddpm(
     prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    start: int = 0,
 ) -> Tensor:
     """Ancestral sampling of DDPM (Ho et al. 2020, arXiv:2006.11239, eq. 6-7), strided over `timesteps`.
 
@@ -136,7 +137,8 @@ def sample_ddpm(
     """
     ac, ts = _coefficients(alphas_cumprod), _integers(timesteps)
     x = noise
-    for i, t in enumerate(ts):
+    for i in range(start, len(ts)):
+        t = ts[i]
         out = _call(model, x, timesteps[i])
         a_t = ac[t]
         a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
@@ -161,6 +163,7 @@ def sample_ddim(
     prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    start: int = 0,
     eta: float = 0.0,
 ) -> Tensor:
     """DDIM (Song et al. 2020, arXiv:2010.02502, eq. 12); eta = 0 is deterministic, eta = 1 DDPM-like.
@@ -171,7 +174,8 @@ def sample_ddim(
     ac, ts = _coefficients(alphas_cumprod), _integers(timesteps)
     stride = len(ac) // len(ts)
     x = noise
-    for i, t in enumerate(ts):
+    for i in range(start, len(ts)):
+        t = ts[i]
         out = _call(model, x, timesteps[i])
         a_t = ac[t]
         a_prev = ac[max(t - stride, 0)]  # below 0: ᾱ_0, SD's set_alpha_to_one=False
@@ -205,6 +209,7 @@ def sample_plms(
     prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    start: int = 0,
 ) -> Tensor:
     """PLMS: pseudo linear multistep (Liu et al. 2022, arXiv:2202.09778, eq. 9-12), as diffusers'
     PNDMScheduler with `skip_prk_steps=True` (what SD uses).
@@ -222,9 +227,10 @@ def sample_plms(
     evaluated = torch.cat([timesteps[:1], timesteps[1:2], timesteps[1:]])
     x, x_start = noise, noise
     outputs: list[Tensor] = []
-    for i, t in enumerate(evaluated.tolist()):
+    for i in range(start, len(evaluated)):
+        t = int(evaluated[i])
         out = _call(model, x, evaluated[i])
-        if i == 1:
+        if i - start == 1:  # as diffusers' step counter: the second step of the run, wherever it starts
             combined, t_from, t_to, x_from = (outputs[0] + out) / 2, t + stride, t, x_start
         else:
             outputs = [*outputs[-3:], out]
@@ -255,6 +261,7 @@ def sample_dpmpp_2m(
     prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    start: int = 0,
     sigmas: Tensor | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, algorithm 2), as diffusers'
@@ -269,7 +276,7 @@ def sample_dpmpp_2m(
     sig = _sigma_schedule(alphas_cumprod, timesteps, sigmas)
     x = noise
     previous: tuple[Tensor, float] | None = None
-    for i in range(len(timesteps)):
+    for i in range(start, len(timesteps)):
         out = _call(model, x, timesteps[i])
         s, s_next = sig[i], sig[i + 1]
         x0, _ = x0_and_eps(x, out, 1 / (1 + s * s), prediction_type)
@@ -303,6 +310,7 @@ def sample_euler(
     prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    start: int = 0,
     sigmas: Tensor | None = None,
     init_noise_sigma: float | None = None,
 ) -> Tensor:
@@ -314,8 +322,8 @@ def sample_euler(
     """
     del generator
     sig = _sigma_schedule(alphas_cumprod, timesteps, sigmas)
-    x = noise * (sig[0] if init_noise_sigma is None else init_noise_sigma)
-    for i in range(len(timesteps)):
+    x = noise * (sig[start] if init_noise_sigma is None else init_noise_sigma)
+    for i in range(start, len(timesteps)):
         x0 = _euler_denoise(model, x, timesteps[i], sig[i], prediction_type)
         x = x + (x - x0) * ((sig[i + 1] - sig[i]) / sig[i])
         if callback is not None:
@@ -332,6 +340,7 @@ def sample_euler_a(
     prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    start: int = 0,
     sigmas: Tensor | None = None,
     init_noise_sigma: float | None = None,
 ) -> Tensor:
@@ -343,8 +352,8 @@ def sample_euler_a(
     the last one included (σ_up = 0 there), as diffusers does. `init_noise_sigma` as in `sample_euler`.
     """
     sig = _sigma_schedule(alphas_cumprod, timesteps, sigmas)
-    x = noise * (sig[0] if init_noise_sigma is None else init_noise_sigma)
-    for i in range(len(timesteps)):
+    x = noise * (sig[start] if init_noise_sigma is None else init_noise_sigma)
+    for i in range(start, len(timesteps)):
         s, s_next = sig[i], sig[i + 1]
         x0 = _euler_denoise(model, x, timesteps[i], s, prediction_type)
         s_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
@@ -419,9 +428,16 @@ def sample(
     eta: float = 0.0,
     karras: bool = False,
     callback: Callback | None = None,
+    init_latents: Tensor | None = None,
+    strength: float = 1.0,
 ) -> Tensor:
     """Run sampler `name` for `num_steps` steps with diffusers' timestep and σ construction of the
     matching scheduler; returns the denoised latents.
+
+    Image-to-image (SDEdit, Meng et al. 2021, arXiv:2108.01073): with `init_latents` (scaled x_0), the
+    first `num_steps - int(num_steps · strength)` steps are skipped and the run starts from x_0 noised
+    with `noise` to the first remaining step, as diffusers' img2img pipelines do (each scheduler's
+    `add_noise` at its begin index).
 
     `eta` applies to "ddim" only; `karras` (Karras σs, diffusers' `use_karras_sigmas`) to "dpmpp_2m"
     and "euler", the schedulers of diffusers that have it. DPM-Solver's Karras timesteps are rounded,
@@ -443,6 +459,12 @@ def sample(
         timesteps, specific = _discrete_schedule(num_steps, alphas_cumprod, spacing, steps_offset)
     if name == "ddim":
         specific["eta"] = eta
+    if init_latents is not None:
+        start = img2img_start(num_steps, strength)
+        noise = _noised(name, init_latents, noise, alphas_cumprod, timesteps, specific, start)
+        specific["start"] = start
+        if "init_noise_sigma" in specific:
+            specific["init_noise_sigma"] = 1.0  # x is already at the starting σ
     return SAMPLERS[name](
         model,
         noise,
@@ -453,6 +475,36 @@ def sample(
         callback=callback,
         **specific,
     )
+
+
+def img2img_start(num_steps: int, strength: float) -> int:
+    """The first step an image-to-image run takes (diffusers' `get_timesteps`)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    start = num_steps - min(int(num_steps * strength), num_steps)
+    if start >= num_steps:
+        raise ValueError(
+            f"strength {strength} of {num_steps} steps leaves no step to take: raise strength or steps "
+            f"(at least {1 / num_steps:.3g})"
+        )
+    return start
+
+
+def _noised(
+    name: str, x0: Tensor, noise: Tensor, alphas_cumprod: Tensor, timesteps: Tensor, specific: dict[str, Any],
+    start: int,
+) -> Tensor:
+    """x_0 noised to the sampler's step `start`, in that sampler's own parameterization."""
+    if name in ("euler", "euler_a"):  # x = x_0 + σ ε
+        return x0 + specific["sigmas"][start].to(x0) * noise
+    if name == "dpmpp_2m":  # variance-preserving at σ (its Karras σs or the interpolated ones)
+        sigmas = specific.get("sigmas")
+        sigma = (sigmas[start] if sigmas is not None else _sigmas_at(alphas_cumprod, timesteps[start : start + 1])[0])
+        alpha = (1 + sigma.to(x0) ** 2) ** -0.5
+        return alpha * x0 + alpha * sigma.to(x0) * noise
+    ts = torch.cat([timesteps[:1], timesteps[1:2], timesteps[1:]]) if name == "plms" else timesteps
+    a_t = alphas_cumprod.detach().cpu().float()[int(ts[start])].to(x0)
+    return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * noise
 
 
 def classifier_free_guidance(
