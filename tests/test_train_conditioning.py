@@ -22,6 +22,7 @@ from ldm.data.synthetic import (
     SHAPES,
     edit_eval_set,
     edit_fidelity,
+    ensure_demo_shards,
     judge_colours,
     layout_fidelity,
     parse_caption,
@@ -145,3 +146,18 @@ def test_layout_fidelity_wants_the_shape_where_the_map_puts_it() -> None:
     shapes = {parse_caption(c)[0] for c in eval_captions}
     assert all(set(np.unique(m)) == {0, 1 + SHAPES.index(parse_caption(c)[0])} for m, c in zip(eval_maps, eval_captions, strict=True))
     assert shapes == set(SHAPES)
+
+
+def test_conditioned_models_on_data_without_their_inputs_stop_before_training(tmp_path: Path) -> None:
+    (tmp_path / "shards").mkdir()
+    ensure_demo_shards(tmp_path / "shards", num_samples=8, samples_per_shard=8)
+    web = ["data=webdataset", f"data.train_shards='{tmp_path}/shards/shapes-*.tar'", "trainer.max_steps=1", *BARE, *QUIET]
+    for overrides, needed in (
+        (["conditioning=image_concat"], "data.cond_image_key"),
+        (SEMANTIC, "data.seg_key"),
+    ):
+        with pytest.raises(Exception) as err:  # noqa: PT011 (train.py prints user_error's message)
+            train(compose_train(tmp_path, [*overrides, *web]))
+        shown = user_error(err.value)
+        assert shown is not None and needed in str(shown), err.value
+    assert not list(tmp_path.glob("runs/**/*.ckpt"))

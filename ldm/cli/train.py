@@ -168,6 +168,27 @@ def check_cached_latents(datamodule: Any, module: Any) -> None:
         )
 
 
+# What each concat kind needs from the data (see ldm.models.stable_diffusion.CONCAT_KINDS).
+_DATA_FOR_CONCAT = {
+    "image": ("cond_image_key", "before/after pairs: set data.cond_image_key to the before picture's key (e.g. src.jpg)"),
+    "semantic_map": ("seg_key", "class maps: set data.seg_key to the map's key (e.g. seg.png)"),
+}
+
+
+def check_conditioning_data(datamodule: Any, module: Any) -> None:
+    """A conditioned model's data must carry its inputs: said before training, not at the first step."""
+    kind = getattr(module, "concat", None)
+    if kind not in _DATA_FOR_CONCAT or not hasattr(datamodule, "cond_image_key"):
+        return
+    key, how = _DATA_FOR_CONCAT[kind]
+    if not getattr(datamodule, key):
+        raise ConfigError(f"a {kind} model (model.concat={kind}) trains on {how}")
+    if kind == "semantic_map" and datamodule.num_classes not in (None, module.config["semantic_classes"]):
+        raise ConfigError(
+            f"data.num_classes={datamodule.num_classes} but model.semantic_classes={module.config['semantic_classes']}"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured module; returns the final logged metrics."""
     check_config(cfg)
@@ -182,6 +203,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     check_cached_latents(datamodule, module)
+    check_conditioning_data(datamodule, module)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False, default_root_dir=str(output_dir)
     )

@@ -412,8 +412,13 @@ def _check_conditioning(
                 f"{name}={key!r} must name the sample's conditioning extension (e.g. 'cond.png'), "
                 f"not empty nor one of the image extensions {IMAGE_KEYS}"
             )
-    if num_classes is not None and (seg_key is None or num_classes < 1):
-        raise ValueError(f"num_classes={num_classes} needs a seg_key and must be >= 1")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes={num_classes} must be >= 1")
+    if num_classes is not None and seg_key is None:
+        raise ValueError(
+            f"num_classes={num_classes} (a semantic-map model's classes) needs the class maps: set data.seg_key "
+            "to their key in the shards (e.g. seg.png)"
+        )
 
 
 class WebDataModule(lightning.LightningDataModule):
