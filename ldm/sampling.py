@@ -4,7 +4,7 @@ Text-to-image, and the image-conditioned models whose UNet also sees something c
 (`StableDiffusion.concat`):
 - inpainting (9-channel UNets, SD inpainting checkpoints): the mask and the latents of the image with
   the masked area blanked, as in LDM's LatentInpaintDiffusion and diffusers'
-  StableDiffusionInpaintPipeline (strength 1);
+  StableDiffusionInpaintPipeline (with its strength);
 - image (8 channels, InstructPix2Pix): the unscaled posterior mode of the conditioning image, with
   guidance over text and image as in diffusers' StableDiffusionInstructPix2PixPipeline;
 - semantic_map (C + K channels): a one-hot map of K classes, area-averaged to latent size.
@@ -44,7 +44,7 @@ class SamplerSettings:
     timestep_spacing: str | None = None
     steps_offset: int | None = None
     image_guidance_scale: float = 1.5  # InstructPix2Pix-style models only (diffusers' default)
-    strength: float = 0.8  # image-to-image only: the share of the steps run from the noised picture
+    strength: float = 0.8  # image-to-image and inpainting: the share of the steps run from the noised picture
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:

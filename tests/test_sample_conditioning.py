@@ -233,3 +233,46 @@ def test_image_to_image_keeps_more_of_the_picture_at_low_strength(tmp_path):
     assert distance(0.2) < distance(0.6) < distance(1.0)
     with pytest.raises(ValueError, match="strength 0.05 of 10 steps leaves no step"):
         distance(0.05)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "steps", "strength", "seed", "sd2"),
+    [
+        ("ddim", "DDIMScheduler", 10, 0.6, 0, False),
+        ("euler_a", "EulerAncestralDiscreteScheduler", 8, 0.75, 1, False),
+        ("dpmpp_2m", "DPMSolverMultistepScheduler", 9, 0.5, 2, True),
+        ("plms", "PNDMScheduler", 8, 0.9, 3, False),
+    ],
+)
+def test_inpainting_below_full_strength_matches_diffusers(tmp_path, sampler, scheduler, steps, strength, seed, sd2):
+    """Inpainting that starts from the noised picture: the picture's posterior sample, the noise, then the
+    masked picture's sample, drawn in that order from one generator, as StableDiffusionInpaintPipeline."""
+    from test_sample import diffusers_images, write_inpainting_inputs
+
+    cfg = tiny_sd2_config() if sd2 else model_config("tiny")
+    cfg["unet"]["in_channels"] = 9
+    cfg["scale_factor"] = 0.18215
+    folder = tmp_path / "inpaint"
+    save_checkpoint(checkpoint_from_model(randomize_(StableDiffusion.from_config(cfg), std=0.08, seed=seed)), folder)
+    image, mask = write_inpainting_inputs(tmp_path, 32, 40)
+    theirs = diffusers_images(
+        folder, scheduler, steps, 6.0, seed, 32, 2, pipeline="StableDiffusionInpaintPipeline", width=40,
+        image=Image.open(image), mask_image=Image.open(mask), strength=strength,
+    )
+    cfg = sample_config([
+        f"ckpt={folder}", f"prompt='{PROMPT}'", f"negative_prompt='{NEGATIVE}'", f"image={image}", f"mask={mask}",
+        f"strength={strength}", f"sampler={sampler}", f"steps={steps}", "guidance_scale=6.0", f"seed={seed}",
+        "height=32", "width=40", "num_images=2", f"out_dir={tmp_path / 'out'}", "device=cpu",
+    ])
+    ours = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in run(cfg) if not p.name.startswith("grid")])
+    assert ours.shape == theirs.shape == (2, 32, 40, 3)
+    diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+
+
+def test_strength_is_refused_where_it_means_nothing(tmp_path):
+    edit = edit_model(tmp_path, 0, fmt="single")
+    picture = write_picture(tmp_path / "p.png", 32, 32, 0)
+    cfg = sample_config([f"ckpt={edit}", "prompt=x", f"image={picture}", "strength=0.5", f"out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="strength applies to image-to-image .* and inpainting only"):
+        run(cfg)

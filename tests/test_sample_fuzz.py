@@ -110,6 +110,9 @@ def draw(seed: int) -> Setting:
     elif not setting.inpaint and (rng.random() < 0.3 or seed in FORCED_IMG2IMG):
         setting.strength = round(rng.uniform(0.3, 1.0), 2)
         setting.steps = max(setting.steps, 4)  # so that some strengths skip steps
+    elif setting.inpaint and rng.random() < 0.5:  # inpainting from the noised picture
+        setting.strength = round(rng.uniform(0.3, 0.95), 2)
+        setting.steps = max(setting.steps, 4)
     return setting
 
 
@@ -138,7 +141,7 @@ def diffusers_images(folder: Path, s: Setting, inputs: tuple[Path, Path] | None)
     pipeline = "StableDiffusionInpaintPipeline" if s.inpaint else "StableDiffusionPipeline"
     if s.edit:
         pipeline = "StableDiffusionInstructPix2PixPipeline"
-    if s.strength is not None:
+    if s.strength is not None and not s.inpaint:
         pipeline = "StableDiffusionImg2ImgPipeline"
     pipe = getattr(diffusers, pipeline).from_pretrained(str(folder), safety_checker=None)
     # StableDiffusionPipeline.__init__ rewrites a stored steps_offset of 0 to 1 (it deems such configs
@@ -168,13 +171,14 @@ def call_inputs(s: Setting, inputs: tuple[Path, Path] | None) -> dict:
     if s.edit:  # the edit and img2img pipelines take their size from the picture
         assert inputs is not None
         return {"image": Image.open(inputs[0]), "image_guidance_scale": s.image_guidance}
-    if s.strength is not None:
+    if s.strength is not None and not s.inpaint:
         assert inputs is not None
         return {"image": Image.open(inputs[0]), "strength": s.strength}
     size = {"height": s.height, "width": s.width}
     if s.inpaint:
         assert inputs is not None
-        return {**size, "image": Image.open(inputs[0]), "mask_image": Image.open(inputs[1])}
+        strength = {} if s.strength is None else {"strength": s.strength}
+        return {**size, "image": Image.open(inputs[0]), "mask_image": Image.open(inputs[1]), **strength}
     return size
 
 
@@ -203,7 +207,8 @@ def our_images(ckpt: Path, out_dir: Path, s: Setting, inputs: tuple[Path, Path] 
     if s.edit and inputs:
         overrides += [f"image={inputs[0]}", f"image_guidance_scale={s.image_guidance}"]
     if s.strength is not None and inputs:
-        overrides += [f"image={inputs[0]}", f"strength={s.strength}"]
+        overrides += [] if s.inpaint else [f"image={inputs[0]}"]
+        overrides.append(f"strength={s.strength}")
     if s.batch_size is not None:
         overrides.append(f"batch_size={s.batch_size}")
     if s.karras:

@@ -131,12 +131,26 @@ def _wrong_inputs(model: Any, given: set[str], wanted: set[str]) -> str:
     )
 
 
+def strength_of(cfg: DictConfig, model: Any) -> float:
+    """The strength a run uses: as given, else diffusers' defaults (img2img 0.8, inpainting 1)."""
+    img2img = model.concat is None and cfg.image is not None
+    if cfg.strength is not None and not (img2img or model.concat == "inpainting"):
+        raise UsageError(
+            "strength applies to image-to-image (a text-to-image checkpoint with image=) and inpainting only"
+        )
+    if cfg.strength is None:
+        return 0.8 if img2img else 1.0
+    return float(cfg.strength)
+
+
 def img2img_latents(
-    cfg: DictConfig, model: Any, height: int, width: int, generator: torch.Generator
+    cfg: DictConfig, model: Any, height: int, width: int, generator: torch.Generator, strength: float
 ) -> torch.Tensor | None:
-    """A text-to-image model given image=: the picture's scaled latents (a posterior sample, drawn before
-    the noise as diffusers' img2img pipeline draws it); None otherwise."""
-    if model.concat is not None or cfg.image is None or cfg.mask is not None or cfg.get("seg") is not None:
+    """The picture's scaled latents where the run starts from it: a text-to-image model given image=
+    (image-to-image), or inpainting below strength 1. A posterior sample, drawn before the noise, as
+    diffusers' img2img and inpainting pipelines draw it; None otherwise."""
+    img2img = model.concat is None and cfg.image is not None and cfg.mask is None and cfg.get("seg") is None
+    if not (img2img or (model.concat == "inpainting" and cfg.image is not None and strength < 1)):
         return None
     picture = image_to_tensor(read_picture(cfg.image, "image"), height, width)
     param = next(model.first_stage_model.parameters())
@@ -209,12 +223,12 @@ def run(cfg: DictConfig) -> list[Path]:
         timestep_spacing=cfg.timestep_spacing,
         steps_offset=cfg.steps_offset,
         image_guidance_scale=cfg.image_guidance_scale,
-        strength=cfg.strength,
     )
     device = resolve_device(cfg.device)
     model = load_model(cfg.ckpt, cfg.prediction_type, cfg.ema, cfg.allow_unsafe_pickle)
     model.to(device=device, dtype=DTYPES[cfg.dtype])
     height, width = output_size(cfg, model)
+    settings.strength = strength_of(cfg, model)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = next_index(out_dir)
@@ -222,7 +236,7 @@ def run(cfg: DictConfig) -> list[Path]:
     for prompt in prompts:
         # One generator per prompt: the same prompt and seed give the same images wherever they stand.
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
-        init_latents = img2img_latents(cfg, model, height, width, generator)
+        init_latents = img2img_latents(cfg, model, height, width, generator, settings.strength)
         noise = initial_noise(
             cfg.num_images, model.latent_channels, height, width, model.downsampling_factor, generator
         )
