@@ -254,10 +254,6 @@ def test_samples_without_usable_conditioning_are_skipped_and_counted(tmp_path: P
 
 
 def test_constructor_rejects_conditioning_it_cannot_serve() -> None:
-    with pytest.raises(ValueError, match="latents=True.*not supported"):
-        WebDataModule("x.tar", latents=True, cond_image_key="cond.png")
-    with pytest.raises(ValueError, match="latents=True.*not supported"):
-        WebDataModule("x.tar", latents=True, seg_key="seg.png")
     with pytest.raises(ValueError, match="num_classes=5 .* set data.seg_key"):
         WebDataModule("x.tar", num_classes=5)
     with pytest.raises(ValueError, match="cond_image_key='png'.*not .*image extensions"):

@@ -161,6 +161,13 @@ def check_cached_latents(datamodule: Any, module: Any) -> None:
     how = "re-run ldm-cache-latents with the checkpoint you train from (init_from or module.first_stage_ckpt)"
     if info["first_stage_fingerprint"] != fingerprint(module.first_stage_model):
         raise ConfigError(f"data.train_shards were cached with another autoencoder ({info['checkpoint']}); {how}")
+    for key in ("cond_image_key", "seg_key"):
+        if getattr(datamodule, key, None) and not info.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"data.{key} is set but data.train_shards were cached without it: re-run ldm-cache-latents "
+                f"with {flag} {getattr(datamodule, key)}"
+            )
     if info["resolution"] != datamodule.resolution:
         raise ConfigError(
             f"data.train_shards were cached at resolution {info['resolution']}, data.resolution is "

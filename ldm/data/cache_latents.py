@@ -12,6 +12,16 @@ z ~ N(mean, var) from them with its own noise generator, as it does after encodi
 on cached latents takes the steps a run on the images would take, minus the encoder. Crops and flips are
 fixed when caching (centre crop, no flip). `OUT/cache.json` records the autoencoder's fingerprint, and
 train.py refuses latents made by another autoencoder.
+
+Conditioned models: `--cond-image-key src.jpg` (editing) adds `cond_moments.npy`, the before picture's
+moments; `--seg-key seg.png` (semantic maps) keeps the class map, cropped as its image was, as a
+single-channel PNG under the same key (`--num-classes K` skips maps with labels >= K). Train with the
+same data.cond_image_key or data.seg_key. Samples without them are skipped and counted.
+
+    ldm-cache-latents v1-5-pruned.safetensors 'pairs/{000000..000099}.tar' latents/ --resolution 256 \\
+        --cond-image-key src.jpg
+    python train.py conditioning=image_concat init_from=v1-5-pruned.safetensors data=cached_latents \\
+        data.train_shards=latents/ data.resolution=256 data.cond_image_key=src.jpg
 """
 
 from __future__ import annotations
@@ -30,9 +40,17 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 
 from ldm.checkpoint import VAE_PREFIX, CheckpointError, read_checkpoint, read_tensor_file
-from ldm.data.webdataset import MOMENTS_KEY, _ShardStream, _StreamSpec, expand_shard_specs
+from ldm.data.webdataset import (
+    COND_MOMENTS_KEY,
+    MOMENTS_KEY,
+    _check_conditioning,
+    _ShardStream,
+    _StreamSpec,
+    expand_shard_specs,
+)
 from ldm.models.autoencoder import AutoencoderKL
 
 CACHE_INFO = "cache.json"
@@ -85,6 +103,29 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _caption_member(caption_key: str, caption: str) -> dict[str, bytes]:
+    """The caption stored where `caption_key` reads it back: a text member, or a field of a JSON member."""
+    extension, _, json_path = caption_key.partition(".")
+    if not json_path:
+        return {extension: caption.encode()}
+    value: Any = caption
+    for part in reversed(json_path.split(".")):
+        value = {part: value}
+    return {extension: json.dumps(value).encode()}
+
+
+def _label_png(labels: torch.Tensor) -> bytes | None:
+    """Class indices HxW as a PNG the loader reads back as they are: 8-bit when they fit, else 16-bit;
+    None for labels no PNG holds."""
+    array = labels.numpy()
+    if array.max() > np.iinfo(np.uint16).max:
+        return None
+    image = Image.fromarray(array.astype(np.uint8) if array.max() < 256 else array.astype(np.uint16))
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @torch.no_grad()
 def cache_latents(
     ckpt: str | Path,
@@ -96,10 +137,23 @@ def cache_latents(
     dtype: str = "fp32",
     caption_key: str = "txt",
     overwrite: bool = False,
+    cond_image_key: str | None = None,
+    seg_key: str | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
-    """Write one latent shard per source shard into `out_dir`; returns what `cache.json` records."""
+    """Write one latent shard per source shard into `out_dir`; returns what `cache.json` records.
+
+    `cond_image_key` adds the conditioning picture's moments, `seg_key` the cropped class map (see the
+    module docstring); `num_classes` skips maps with larger labels.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if num_classes is not None and seg_key is None:
+        raise ValueError("--num-classes filters class maps: it needs --seg-key")
+    _check_conditioning(cond_image_key, seg_key, num_classes)
+    # webdataset lower-cases extensions, as WebDataModule does with these keys
+    cond_image_key = cond_image_key.lower() if cond_image_key else None
+    seg_key = seg_key.lower() if seg_key else None
     urls = expand_shard_specs(src)
     out_dir = Path(out_dir)
     names = [_shard_name(url, i) for i, url in enumerate(urls)]
@@ -111,12 +165,19 @@ def cache_latents(
     skipped: Counter[str] = Counter()
     written = 0
     for url, name in zip(urls, names, strict=True):
-        written += _cache_shard(vae, url, out_dir / name, resolution, batch_size, caption_key, DTYPES[dtype], skipped)
+        spec = _StreamSpec(
+            urls=[url], batch_size=batch_size, resolution=resolution, random_crop=False, random_flip=False,
+            caption_key=caption_key, min_size=0, shuffle_buffer=0, resampled=False, rank=0, world_size=1,
+            cond_image_key=cond_image_key, seg_key=seg_key, num_classes=num_classes,
+        )
+        written += _cache_shard(vae, spec, out_dir / name, DTYPES[dtype], skipped)
     info = {
         "first_stage_fingerprint": fingerprint(vae),
         "latent_channels": vae.embed_dim,
         "resolution": resolution,
         "dtype": dtype,
+        "cond_image_key": cond_image_key,
+        "seg_key": seg_key,
         "samples": written,
         "skipped": dict(skipped),
         "source": [str(u) for u in urls],
@@ -131,21 +192,17 @@ def _shard_name(url: str, index: int) -> str:
     return name if name.endswith(".tar") else f"shard-{index:06d}.tar"
 
 
-def _cache_shard(
-    vae: AutoencoderKL,
-    url: str,
-    path: Path,
-    resolution: int,
-    batch_size: int,
-    caption_key: str,
-    dtype: type,
-    skipped: Counter[str],
-) -> int:
-    spec = _StreamSpec(
-        urls=[url], batch_size=batch_size, resolution=resolution, random_crop=False, random_flip=False,
-        caption_key=caption_key, min_size=0, shuffle_buffer=0, resampled=False, rank=0, world_size=1,
-    )
+def _encoded(vae: AutoencoderKL, images: torch.Tensor, dtype: type) -> list[bytes]:
+    """Each image's posterior mean and log-variance, as .npy bytes."""
     param = next(vae.parameters())
+    posterior = vae.encode(images.to(device=param.device, dtype=param.dtype))
+    moments = torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu().numpy()
+    return [_npy(m.astype(dtype)) for m in moments]
+
+
+def _cache_shard(
+    vae: AutoencoderKL, spec: _StreamSpec, path: Path, dtype: type, skipped: Counter[str]
+) -> int:
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
     try:
@@ -154,10 +211,17 @@ def _cache_shard(
                 skipped.update(batch["skipped"])
                 if "image" not in batch:
                     continue
-                posterior = vae.encode(batch["image"].to(device=param.device, dtype=param.dtype))
-                moments = torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu().numpy()
-                for key, caption, m in zip(batch["key"], batch["caption"], moments, strict=True):
-                    sink.write({"__key__": key, MOMENTS_KEY: _npy(m.astype(dtype)), caption_key: caption.encode()})
+                columns = {MOMENTS_KEY: _encoded(vae, batch["image"], dtype)}
+                if spec.cond_image_key:
+                    columns[COND_MOMENTS_KEY] = _encoded(vae, batch["cond_image"], dtype)
+                if spec.seg_key:
+                    columns[spec.seg_key] = [_label_png(labels) for labels in batch["seg"]]
+                for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"], strict=True)):
+                    members = {name: values[i] for name, values in columns.items()}
+                    if spec.seg_key and members[spec.seg_key] is None:
+                        skipped["label above 65535"] += 1
+                        continue
+                    sink.write({"__key__": key, **members, **_caption_member(spec.caption_key, caption)})
                     count += 1
         os.replace(tmp, path)
     finally:
@@ -176,11 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="storage of the moments")
     parser.add_argument("--caption-key", default="txt")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--cond-image-key", help="edit pairs: the before picture's key (e.g. src.jpg)")
+    parser.add_argument("--seg-key", help="semantic maps: the class-index map's key (e.g. seg.png)")
+    parser.add_argument("--num-classes", type=int, help="with --seg-key: skip maps with labels >= this")
     args = parser.parse_args(argv)
     try:
         info = cache_latents(
             args.ckpt, args.src, args.out, args.resolution, args.batch_size, args.device, args.dtype,
-            args.caption_key, args.overwrite,
+            args.caption_key, args.overwrite, args.cond_image_key, args.seg_key, args.num_classes,
         )
     except (OSError, ValueError, CheckpointError) as exc:
         parser.error(str(exc))

@@ -7,7 +7,7 @@ Batches: `image` float32 Bx3xHxW in [-1, 1], `caption` list[str], `key` list[str
 With `latents=True` (shards written by `ldm-cache-latents`) a batch holds `moments` (Bx2Cxhxw, the
 autoencoder's posterior mean and log-variance) instead of `image`.
 
-Image conditioning (not with `latents=True` yet); keys are sample-key extensions, so a tar member
+Image conditioning; keys are sample-key extensions, so a tar member
 `000001.src.jpg` is key `000001`, extension `src.jpg` (webdataset lower-cases extensions):
 - `cond_image_key="src.jpg"` adds `cond_image` float32 Bx3xHxW in [-1, 1] (InstructPix2Pix's "before"
   picture), resized, cropped and flipped exactly as its `image` (one random draw for both).
@@ -15,6 +15,9 @@ Image conditioning (not with `latents=True` yet); keys are sample-key extensions
   raw indices, not palette colours), same geometry as `image` but resampled nearest, so labels stay
   labels. With `num_classes`, a map holding a label >= num_classes is skipped ("label out of range").
 A conditioning image or map of another size than its image is stretched to the image's size first.
+With `latents=True` the conditioning was cropped and encoded when caching: `cond_image_key` (any value)
+adds `cond_moments` Bx2Cxhxw, the before picture's posterior, from `cond_moments.npy`; `seg_key` reads
+the map as above, already cropped to `resolution`.
 
 Shard specs: a brace pattern, a glob, a local path or folder of `.tar` files, a URL webdataset
 can open (`https://...`, `pipe:curl -s ...`), or a list of these. Local files are checked at
@@ -69,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MOMENTS_KEY = "moments.npy"  # cached posterior moments, written by ldm.data.cache_latents
+COND_MOMENTS_KEY = "cond_moments.npy"  # ... and the before picture's, whatever its key in the image shards
 WARN_INTERVAL_S = 60.0
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
@@ -249,7 +253,7 @@ class _ShardStream(IterableDataset):
         if caption is None:
             raise _SkipSample("no caption", f"(no {self.spec.caption_key!r}; keys {sorted(raw)})")
         if self.spec.latents:
-            return {"moments": _moments(raw), "caption": caption, "key": raw["__key__"]}
+            return self._cached(raw, caption)
         spec = self.spec
         rgb = self._image(raw)
         # everything is decoded and checked before the random draw: a skipped sample draws nothing
@@ -261,6 +265,26 @@ class _ShardStream(IterableDataset):
             sample["cond_image"] = to_tensor(apply_crop(cond, plan))
         if seg is not None:
             labels = apply_crop(seg, plan, Image.Resampling.NEAREST)
+            sample["seg"] = torch.from_numpy(np.asarray(labels).astype(np.int64))
+        return sample
+
+    def _cached(self, raw: dict[str, Any], caption: str) -> dict[str, Any]:
+        spec = self.spec
+        moments = _moments(raw, MOMENTS_KEY, "latents", "not a shard of ldm-cache-latents")
+        sample = {"moments": moments, "caption": caption, "key": raw["__key__"]}
+        if spec.cond_image_key:
+            what = "cached conditioning latents"
+            cond = _moments(raw, COND_MOMENTS_KEY, what, "cached without --cond-image-key")
+            if cond.shape != moments.shape:
+                shapes = f"(shape {tuple(cond.shape)}, latents {tuple(moments.shape)})"
+                raise _SkipSample(f"unreadable {what}", shapes)
+            sample["cond_moments"] = cond
+        if spec.seg_key:
+            labels = _seg_map(raw, spec.seg_key, spec.num_classes)
+            if labels.size != (spec.resolution, spec.resolution):
+                # cropped when caching: another size means shards cached at another resolution
+                size = f"({labels.size[0]}x{labels.size[1]}, resolution {spec.resolution})"
+                raise _SkipSample("segmentation map of another size", size)
             sample["seg"] = torch.from_numpy(np.asarray(labels).astype(np.int64))
         return sample
 
@@ -305,21 +329,21 @@ def _seg_map(raw: dict[str, Any], key: str, num_classes: int | None) -> Image.Im
     return labels
 
 
-def _moments(raw: dict[str, Any]) -> torch.Tensor:
-    data = raw.get(MOMENTS_KEY)
+def _moments(raw: dict[str, Any], key: str, what: str, why_missing: str) -> torch.Tensor:
+    data = raw.get(key)
     if data is None:
-        raise _SkipSample("no latents", f"(no {MOMENTS_KEY!r}: not a shard of ldm-cache-latents; keys {sorted(raw)})")
+        raise _SkipSample(f"no {what}", f"(no {key!r}: {why_missing}; keys {sorted(raw)})")
     try:
         array = np.load(BytesIO(data), allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise _SkipSample("unreadable latents", f"({exc})") from exc
+        raise _SkipSample(f"unreadable {what}", f"({exc})") from exc
     if array.ndim != 3:
-        raise _SkipSample("unreadable latents", f"(shape {array.shape}, expected channels x height x width)")
+        raise _SkipSample(f"unreadable {what}", f"(shape {array.shape}, expected channels x height x width)")
     return torch.from_numpy(array.astype(np.float32, copy=False))
 
 
 def _collate(samples: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, Any]:
-    tensors = [k for k in ("moments", "image", "cond_image", "seg") if k in samples[0]]
+    tensors = [k for k in ("moments", "cond_moments", "image", "cond_image", "seg") if k in samples[0]]
     batch = {
         **{k: torch.stack([s[k] for s in samples]) for k in tensors},
         "caption": [s["caption"] for s in samples],
@@ -398,14 +422,7 @@ class ShardLoader:
                 yield item
 
 
-def _check_conditioning(
-    latents: bool, cond_image_key: str | None, seg_key: str | None, num_classes: int | None
-) -> None:
-    if latents and (cond_image_key or seg_key):
-        raise ValueError(
-            "latents=True (cached latents) with cond_image_key or seg_key is not supported yet: "
-            "train image-conditioned models from image shards"
-        )
+def _check_conditioning(cond_image_key: str | None, seg_key: str | None, num_classes: int | None) -> None:
     for name, key in (("cond_image_key", cond_image_key), ("seg_key", seg_key)):
         if key is not None and (not key or key.lower() == "__key__" or key.lower() in IMAGE_KEYS):
             raise ValueError(
@@ -458,7 +475,7 @@ class WebDataModule(lightning.LightningDataModule):
             raise ValueError(f"epoch_length must be a positive number of batches, got {epoch_length}")
         if resampled and epoch_length is None:
             raise ValueError("resampled=True streams forever: set epoch_length (batches per epoch per rank)")
-        _check_conditioning(latents, cond_image_key, seg_key, num_classes)
+        _check_conditioning(cond_image_key, seg_key, num_classes)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers, self.resolution = batch_size, num_workers, resolution
         self.random_crop, self.random_flip = random_crop, random_flip

@@ -248,9 +248,13 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
 
     @torch.no_grad()
     def _image_condition(self, batch: dict[str, Any], drop: Tensor) -> Tensor:
-        """The conditioning picture's unscaled posterior mode (InstructPix2Pix), zeroed where `drop`."""
-        cond = self._batch_part(batch, "cond_image", "cond_image_key").to(self.dtype)
-        latents = self.first_stage_model.encode(cond).mode()
+        """The conditioning picture's unscaled posterior mode (InstructPix2Pix), zeroed where `drop`; from
+        its cached moments (`cond_moments`, written by ldm-cache-latents) when the batch has them."""
+        if "cond_moments" in batch:
+            latents = DiagonalGaussianDistribution(batch["cond_moments"].to(self.dtype)).mode()
+        else:
+            cond = self._batch_part(batch, "cond_image", "cond_image_key").to(self.dtype)
+            latents = self.first_stage_model.encode(cond).mode()
         return latents * (~drop).to(latents.dtype)[:, None, None, None]
 
     @torch.no_grad()
