@@ -1,7 +1,8 @@
 """The training paths the CPU test suite cannot reach, run as a user runs them, with a table at the end.
 
 On a GPU: bf16-mixed, fused AdamW and CUDA noise generators (trainer=gpu), exact-step resume with
-ckpt_path=last, FSDP2 on CUDA (trainer=fsdp over every visible GPU), and sample.py in fp16 on the result.
+ckpt_path=last, FSDP2 on CUDA (trainer=fsdp over every visible GPU), sample.py in fp16 on the result,
+and an edit model (conditioning=image_concat) trained and sampled, with image-to-image beside it.
 Each row is a real `train.py` / `sample.py` run on the tiny demo model and a few synthetic shards.
 
     python benchmarks/gpu_check.py          # on a GPU machine (a couple of minutes)
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -125,6 +127,30 @@ def main() -> int:
     fsdp_common = [c.replace(f"{work}/runs", f"{work}/fsdp") for c in common]
     check(f"{' '.join(sharded[:1] + sharded[-1:])} 10 steps", ["train.py", *sharded, "trainer.max_steps=10",
                                                               *fsdp_common], verify_fsdp)
+
+    def verify_edit() -> tuple[bool, str]:
+        _, ckpt = last_checkpoint(work / "edit")
+        channels = ckpt["state_dict"]["model.diffusion_model.input_blocks.0.0.weight"].shape[1]
+        ok = ckpt["global_step"] == 10 and finite(ckpt) and channels == 8
+        return ok, f"step {ckpt['global_step']}, UNet input channels {channels}"
+
+    edit_common = [c.replace(f"{work}/runs", f"{work}/edit") for c in common]
+    check("conditioning=image_concat 10 steps", ["train.py", *single, "conditioning=image_concat",
+                                                 "trainer.max_steps=10", *edit_common], verify_edit)
+
+    def verify_pictures(folder: str) -> tuple[bool, str]:
+        pngs = sorted((work / folder).glob("0*.png"))
+        return len(pngs) == 2, f"{len(pngs)} PNGs"
+
+    picture = work / "picture.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(picture)
+    edit_ckpt = max(work.glob("edit/*/*/checkpoints/last.ckpt"), default=work / "missing.ckpt")
+    check("sample.py edit (image=)", ["sample.py", f"ckpt={edit_ckpt}", "prompt=make the circle blue", f"image={picture}",
+                                      "steps=10", "num_images=2", f"out_dir={work}/edited", *device],
+          lambda: verify_pictures("edited"))
+    check("sample.py image-to-image", ["sample.py", f"ckpt={path}", "prompt=a red circle", f"image={picture}",
+                                       "strength=0.6", "steps=10", "num_images=2", f"out_dir={work}/img2img", *device],
+          lambda: verify_pictures("img2img"))
 
     name = "CPU" if args.cpu else torch.cuda.get_device_name()
     print(f"\n{name}, torch {torch.__version__}, work dir {work}\n")
