@@ -59,6 +59,7 @@ from ldm.models.stable_diffusion import (
 )
 
 UNET_PREFIX = "model.diffusion_model."
+LORA_PREFIX = "lora.adapters."  # a LoRA run's adapters (see ldm.lora), merged into the UNet when read
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 EMA_PREFIX = "model_ema."
@@ -240,6 +241,7 @@ def read_ldm_file(
             "project, or a diffusers folder."
         )
     extras = {k: sd.pop(k) for k in sorted(sd) if k in SCHEDULE_BUFFERS or k == POSITION_IDS}
+    _merge_trained_lora(sd)
     known = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, EMA_PREFIX)
     unknown = sorted(k for k in sd if not k.startswith(known))
     if unknown:
@@ -254,6 +256,17 @@ def read_ldm_file(
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
     return Checkpoint(config, sd, None, str(path), extras)
+
+
+def _merge_trained_lora(sd: dict[str, Tensor]) -> None:
+    """A LoRA run's checkpoint holds the frozen UNet and its adapters (`lora.adapters.*`): fold them into
+    the UNet's weights, so the file samples and converts as the fine-tuned model it is."""
+    from ldm.lora import adapter_deltas
+
+    adapters = {k: sd.pop(k) for k in [k for k in sd if k.startswith(LORA_PREFIX)]}
+    for key, delta in adapter_deltas(adapters, LORA_PREFIX).items():
+        weight = sd[UNET_PREFIX + key]
+        sd[UNET_PREFIX + key] = (weight.float() + delta.reshape(weight.shape)).to(weight.dtype)
 
 
 def infer_config_from_ldm(sd: dict[str, Tensor], source: str = "checkpoint") -> dict[str, Any]:

@@ -111,7 +111,7 @@ def load_ckpt(path: Path) -> dict[str, Any]:
 
 
 def trained_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state_dict.items() if k.startswith(("model.diffusion_model.", "model_ema."))}
+    return {k: v for k, v in state_dict.items() if k.startswith(("model.diffusion_model.", "model_ema.", "lora."))}
 
 
 def cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -264,6 +264,7 @@ def test_loss_falls_on_demo_shards(tmp_path: Path) -> None:
         (4, "kill", ["model.unet.in_channels=9"]),  # inpainting: its random masks resume too
         (4, "kill", ["conditioning=image_concat", "module.image_dropout=0.5"]),  # edit pairs, picture dropout
         (None, "max_steps", ["conditioning=semantic_map", "model.semantic_classes=4"]),  # class maps
+        (4, "kill", ["module.lora={rank:2,alpha:2}", "module.optimizer.lr=1e-2", "LORA_BASE"]),  # LoRA adapters
     ],
 )
 def test_resume_from_a_mid_run_checkpoint_continues_exactly(
@@ -278,6 +279,10 @@ def test_resume_from_a_mid_run_checkpoint_continues_exactly(
     boundary, N = 4 steps = one epoch of 16 samples in batches of 4, with and without `epoch_length`.
     """
     n = 4
+    if "LORA_BASE" in model:  # LoRA trains from given weights: a fresh UNet's zero output layer passes no gradient
+        base = tmp_path / "base.safetensors"
+        save_ldm_file(checkpoint_from_model(randomize_unet(compose_train(tmp_path, []))), base)
+        model = [m if m != "LORA_BASE" else f"module.init_from={base}" for m in model]
     common = [
         "trainer.max_steps=8",
         f"callbacks.checkpoint.every_n_train_steps={n}",
@@ -306,13 +311,24 @@ def test_resume_from_a_mid_run_checkpoint_continues_exactly(
     b = load_ckpt(tmp_path / "runs" / "resumed" / "checkpoints" / f"step-{2 * n:07d}.ckpt")
     assert a["global_step"] == b["global_step"] == 2 * n
     wa, wb = trained_tensors(a["state_dict"]), trained_tensors(b["state_dict"])
-    assert any(k.startswith("model_ema.") for k in wa) and wa.keys() == wb.keys()
+    assert any(k.startswith(("model_ema.", "lora.")) for k in wa) and wa.keys() == wb.keys()
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
     # the noise stream went on from where it stopped instead of starting over
     assert all(torch.equal(x, y) for x, y in zip(a["noise_generators"], b["noise_generators"], strict=True))
     fresh = torch.Generator().manual_seed(0).get_state()
     assert not torch.equal(load_ckpt(cut)["noise_generators"][0], fresh)
+
+
+def randomize_unet(cfg: DictConfig) -> StableDiffusion:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("_target_")
+    model = StableDiffusion(**normalize_config(model_cfg))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model
 
 
 # -- data problems -------------------------------------------------------------------------------

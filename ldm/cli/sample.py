@@ -29,6 +29,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model
+from ldm.lora import merge_lora_file
 from ldm.sampling import (
     SamplerSettings,
     generate,
@@ -88,6 +89,21 @@ def read_picture(path: str, what: str) -> Image.Image:
         raise UsageError(f"{what}={path} does not exist") from None
     except OSError as err:
         raise UsageError(f"{what}={path} is not an image PIL can read ({err})") from None
+
+
+def apply_loras(cfg: DictConfig, model: Any) -> None:
+    """Merge the `lora` file(s) into the UNet's weights, each at its `lora_scale`."""
+    if not cfg.get("lora"):
+        return
+    paths = list(cfg.lora) if isinstance(cfg.lora, (list, ListConfig)) else [cfg.lora]
+    scales = list(cfg.lora_scale) if isinstance(cfg.lora_scale, (list, ListConfig)) else [cfg.lora_scale] * len(paths)
+    if len(scales) != len(paths):
+        raise UsageError(f"{len(paths)} LoRA files but {len(scales)} lora_scale values: give one, or one per file")
+    for path, scale in zip(paths, scales, strict=True):
+        try:
+            merge_lora_file(model.unet, path, model.config["unet"], float(scale))
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from None
 
 
 def output_size(cfg: DictConfig, model: Any) -> tuple[int, int]:
@@ -226,6 +242,7 @@ def run(cfg: DictConfig) -> list[Path]:
     )
     device = resolve_device(cfg.device)
     model = load_model(cfg.ckpt, cfg.prediction_type, cfg.ema, cfg.allow_unsafe_pickle)
+    apply_loras(cfg, model)
     model.to(device=device, dtype=DTYPES[cfg.dtype])
     height, width = output_size(cfg, model)
     settings.strength = strength_of(cfg, model)
@@ -273,6 +290,7 @@ def run(cfg: DictConfig) -> list[Path]:
             **{k: str(cfg.get(k)) for k in ("image", "mask", "seg") if cfg.get(k) is not None},
             **({"image_guidance_scale": settings.image_guidance_scale} if model.concat == "image" else {}),
             **({"strength": settings.strength} if init_latents is not None else {}),
+            **({"lora": str(cfg.lora), "lora_scale": str(cfg.lora_scale)} if cfg.get("lora") else {}),
         }
         for i, image in enumerate(images):
             path = out_dir / f"{index:05d}.png"

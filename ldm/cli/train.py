@@ -219,6 +219,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         path = output_dir / "checkpoints" / "last-good.ckpt"
         trainer.save_checkpoint(path)
         raise NonFiniteLossError(f"stopped: {module.stop_reason}. Last good state: {path}")
+    if getattr(module, "lora", None) is not None and trainer.is_global_zero:
+        from ldm.lora import save_kohya
+
+        save_kohya(module.lora, module.config["unet"], output_dir / "lora.safetensors")
+        log.info("LoRA weights: %s (sample.py ckpt=<base> lora=...)", output_dir / "lora.safetensors")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         log.info("finished at step %d: %s", trainer.global_step, metrics)

@@ -121,6 +121,12 @@ def unet_to_diffusers(sd: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> dict[
     return {key_map[k]: v for k, v in sd.items()}
 
 
+def diffusers_key_map(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """LDM key -> `UNet2DConditionModel` key for every weight of the UNet `cfg` describes."""
+    unet_config_to_diffusers(cfg)
+    return _layout(cfg)[0]
+
+
 def unet_from_diffusers(sd: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> dict[str, Tensor]:
     """`UNet2DConditionModel` weights -> LDM names; the exact inverse of `unet_to_diffusers`.
 

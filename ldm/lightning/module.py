@@ -13,6 +13,9 @@ training step of DESIGN.md's data flow:
       semantic_map (C+K): the one-hot map of batch["seg"], area-averaged to latent size
     loss = mean(w(t) · |unet(z_t, t, c) - target|²),  target ε or v,  w = min-SNR-γ or 1
     EMA update of the UNet after each optimizer step (LDM's `model_ema.*`)
+
+With `lora={rank, alpha, targets}` only low-rank adapters of the UNet train (ldm.lora); checkpoints hold
+them as `lora.adapters.*` (merged into the UNet when read), and train.py exports them as a kohya file.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ldm.checkpoint import (
 from ldm.data.masks import random_masks
 from ldm.lightning.ema import EMA
 from ldm.lightning.resume import start_next_epoch_fresh
+from ldm.lora import UNetLoRA
 from ldm.models.autoencoder import DiagonalGaussianDistribution
 from ldm.models.stable_diffusion import StableDiffusion, normalize_config, with_concat
 from ldm.sampling import apply_with_concat, semantic_condition
@@ -66,6 +70,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         max_nonfinite_steps: int = 10,
         mask_full_rate: float = 0.25,
         image_dropout: float = 0.1,
+        lora: dict[str, Any] | None = None,
     ):
         model = dict(model)
         model.pop("_target_", None)
@@ -105,6 +110,12 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             self._load_first_stage(first_stage_ckpt)
         self.first_stage_model.requires_grad_(False)
         self.cond_stage_model.requires_grad_(train_text_encoder)
+        self.lora: UNetLoRA | None = None
+        if lora:
+            # Only the adapters train; an EMA of the frozen UNet would be a second copy of constants.
+            self.model.requires_grad_(False)
+            self.lora = UNetLoRA(self.unet, **lora)
+            ema_decay = None
         self.model_ema = EMA(self.model, ema_decay, ema_warmup) if ema_decay is not None else None
         self.train()  # Lightning never calls train() before fitting: this puts the frozen parts in eval
 
@@ -156,6 +167,8 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         mesh = self.device_mesh
         if mesh is None or self._sharded:
             return
+        if self.lora is not None:
+            raise ValueError("LoRA training under trainer=fsdp is not supported: use trainer=ddp (adapters are small)")
         from ldm.lightning.fsdp import shard_latent_diffusion
 
         shard_latent_diffusion(self, mesh["data_parallel"])
@@ -170,7 +183,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         return self
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        params = list(self.model.parameters())
+        params = list(self.lora.parameters() if self.lora is not None else self.model.parameters())
         if self.train_text_encoder:
             params += list(self.cond_stage_model.parameters())
         return params

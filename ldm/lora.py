@@ -1,0 +1,235 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) for the UNet: train a low-rank update of chosen layers while
+their weights stay frozen, export it as a kohya/sd-scripts `.safetensors` file (what diffusers'
+`load_lora_weights`, AUTOMATIC1111 and ComfyUI read), and merge LoRA files into weights for sampling.
+
+    lora = UNetLoRA(model.unet, rank=8, alpha=8)     # adapters on the attention projections, hooked in
+    ...train lora.parameters()...
+    save_kohya(lora, model.config["unet"], "style.safetensors")
+    merge_lora_file(model.unet, "style.safetensors", scale=0.8)   # W += 0.8 · (α / r) · up @ down
+
+Layers are named as in LDM (`input_blocks.1.1.transformer_blocks.0.attn1.to_q`); files name them as
+diffusers does (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`). The adapters
+live beside the UNet (forward hooks add their output), so the UNet's own keys stay those of SD files.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ldm.formats.unet import diffusers_key_map
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+KOHYA_PREFIX = "lora_unet_"
+PEFT_PREFIX = "unet."
+
+
+class LoRAAdapter(nn.Module):
+    """x -> (α / r) · up(down(x)); `up` starts at zero, so a new adapter changes nothing."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.down.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x)) * self.scale
+
+
+def target_layers(unet: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> dict[str, nn.Linear]:
+    """The UNet's Linear layers whose names end with one of `targets` (e.g. "to_q", "to_out.0")."""
+    def named(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    found = {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, nn.Linear) and any(named(name, t) for t in targets)
+    }
+    missing = [t for t in targets if not any(named(n, t) for n in found)]
+    if missing:
+        raise ValueError(
+            f"LoRA targets {missing} name no Linear layer of this UNet (LoRA adapts Linear layers; proj_in and "
+            "proj_out are 1x1 convolutions in SD 1.x UNets)"
+        )
+    return found
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ModuleDict keys cannot hold dots; no UNet name holds "__"
+
+
+class UNetLoRA(nn.Module):
+    """Adapters for `targets` of `unet`, added to their outputs by forward hooks (see `attach`)."""
+
+    def __init__(self, unet: nn.Module, rank: int = 4, alpha: float | None = None,
+                 targets: Sequence[str] = DEFAULT_TARGETS):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.rank, self.alpha, self.targets = rank, float(alpha if alpha is not None else rank), tuple(targets)
+        layers = target_layers(unet, targets)
+        self.adapters = nn.ModuleDict(
+            {_key(n): LoRAAdapter(m.in_features, m.out_features, rank, self.alpha) for n, m in layers.items()}
+        )
+        self._handles: list[Any] = []
+        self.attach(unet)
+
+    def layer_names(self) -> list[str]:
+        return [k.replace("__", ".") for k in self.adapters]
+
+    def attach(self, unet: nn.Module) -> None:
+        """Hook the adapters into `unet` (again after `detach`)."""
+        self.detach()
+        modules = dict(unet.named_modules())
+        for key, adapter in self.adapters.items():
+            hook = _AddAdapter(adapter)
+            self._handles.append(modules[key.replace("__", ".")].register_forward_hook(hook))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def deltas(self) -> dict[str, Tensor]:
+        """LDM weight key (without the UNet prefix) -> the weight update (α / r) · up @ down."""
+        return {
+            f"{key.replace('__', '.')}.weight": (a.up.weight @ a.down.weight) * a.scale
+            for key, a in self.adapters.items()
+        }
+
+
+class _AddAdapter:
+    def __init__(self, adapter: LoRAAdapter):
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        return output + self.adapter(inputs[0]).to(output.dtype)
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def _kohya_stems(unet_config: Mapping[str, Any]) -> dict[str, str]:
+    """kohya stem (`lora_unet_down_blocks_0_..._to_q`) -> LDM layer name, for every UNet weight."""
+    return {
+        KOHYA_PREFIX + d.removesuffix(".weight").replace(".", "_"): k.removesuffix(".weight")
+        for k, d in diffusers_key_map(unet_config).items()
+        if k.endswith(".weight")
+    }
+
+
+def save_kohya(lora: UNetLoRA, unet_config: Mapping[str, Any], path: str | Path) -> None:
+    """The adapters as a kohya/sd-scripts LoRA file: `<stem>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    to_stem = {ldm: stem for stem, ldm in _kohya_stems(unet_config).items()}
+    tensors: dict[str, Tensor] = {}
+    for key, adapter in lora.adapters.items():
+        stem = to_stem[key.replace("__", ".")]
+        tensors[f"{stem}.lora_down.weight"] = adapter.down.weight.detach().float().cpu().contiguous()
+        tensors[f"{stem}.lora_up.weight"] = adapter.up.weight.detach().float().cpu().contiguous()
+        tensors[f"{stem}.alpha"] = adapter.alpha.detach().float().cpu().reshape(())
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank), "ss_network_alpha": str(lora.alpha)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_lora_file(path: str | Path, unet_config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """A LoRA file's UNet weight updates, LDM weight key -> (α / r) · up @ down (unscaled by the user's
+    scale). Reads kohya/sd-scripts files and diffusers/peft ones (`unet.<path>.lora_A/lora_B.weight`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"lora={path} does not exist")
+    try:
+        sd = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for foreign files
+        raise ValueError(f"lora={path} is not a safetensors file ({err})") from None
+    if any(k.startswith(("lora_te", "text_encoder.", "te.")) for k in sd):
+        raise ValueError(f"lora={path} also changes the text encoder, which sample.py does not apply yet")
+    pairs = _kohya_pairs(sd, unet_config) if any(k.startswith(KOHYA_PREFIX) for k in sd) else _peft_pairs(sd, unet_config)
+    if not pairs:
+        raise ValueError(f"lora={path} holds no UNet LoRA weights (expected kohya 'lora_unet_*' or 'unet.*lora_A' keys)")
+    return {f"{name}.weight": _delta(*parts) for name, parts in pairs.items()}
+
+
+def _kohya_pairs(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any]) -> dict[str, tuple[Tensor, Tensor, float]]:
+    stems = _kohya_stems(unet_config)
+    pairs: dict[str, tuple[Tensor, Tensor, float]] = {}
+    unknown = []
+    for key in sd:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        stem = key.removesuffix(".lora_down.weight")
+        if stem not in stems:
+            unknown.append(stem)
+            continue
+        down, up = sd[key], sd[f"{stem}.lora_up.weight"]
+        alpha = float(sd[f"{stem}.alpha"]) if f"{stem}.alpha" in sd else float(down.shape[0])
+        pairs[stems[stem]] = (down, up, alpha)
+    if unknown:
+        raise ValueError(f"LoRA layers this UNet does not have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    return pairs
+
+
+def _peft_pairs(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any]) -> dict[str, tuple[Tensor, Tensor, float]]:
+    to_ldm = {d.removesuffix(".weight"): k.removesuffix(".weight") for k, d in diffusers_key_map(unet_config).items()}
+    pairs: dict[str, tuple[Tensor, Tensor, float]] = {}
+    for key in sd:
+        match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_A(?:\.default)?\.weight", key)
+        if match is None:
+            continue
+        if match[1] not in to_ldm:
+            raise ValueError(f"LoRA layer {match[1]} is not in this UNet")
+        down = sd[key]
+        up = sd[key.replace("lora_A", "lora_B")]
+        alpha_key = f"{PEFT_PREFIX}{match[1]}.alpha"
+        pairs[to_ldm[match[1]]] = (down, up, float(sd[alpha_key]) if alpha_key in sd else float(down.shape[0]))
+    return pairs
+
+
+def _delta(down: Tensor, up: Tensor, alpha: float) -> Tensor:
+    """(α / r) · up @ down for Linear layers and 1x1 convolutions (kohya stores both)."""
+    if down.dim() == 4 and down.shape[-2:] != (1, 1):
+        raise ValueError(f"LoRA on a {tuple(down.shape[-2:])} convolution (LoCon) is not supported")
+    rank = down.shape[0]
+    delta = up.flatten(1).float() @ down.flatten(1).float() * (alpha / rank)
+    return delta.reshape(up.shape[0], down.shape[1], *down.shape[2:]) if down.dim() == 4 else delta
+
+
+@torch.no_grad()
+def merge_deltas(unet: nn.Module, deltas: Mapping[str, Tensor], scale: float = 1.0) -> None:
+    """W += scale · Δ for each LDM weight key of `deltas` (shapes must fit; 1x1 convs and Linears mix)."""
+    params = dict(unet.named_parameters())
+    for key, delta in deltas.items():
+        if key not in params:
+            raise ValueError(f"LoRA layer {key} is not in this UNet")
+        weight = params[key]
+        weight += (scale * delta.to(weight.device, torch.float32)).reshape(weight.shape).to(weight.dtype)
+
+
+def merge_lora_file(unet: nn.Module, path: str | Path, unet_config: Mapping[str, Any], scale: float = 1.0) -> None:
+    merge_deltas(unet, read_lora_file(path, unet_config), scale)
+
+
+def adapter_deltas(state_dict: Mapping[str, Tensor], prefix: str = "lora.adapters.") -> dict[str, Tensor]:
+    """The weight updates of adapters saved in a training checkpoint (keys `lora.adapters.<name>.*`)."""
+    names: Iterable[str] = {k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)}
+    return {
+        f"{n.replace('__', '.')}.weight": _delta(
+            state_dict[f"{prefix}{n}.down.weight"], state_dict[f"{prefix}{n}.up.weight"],
+            float(state_dict[f"{prefix}{n}.alpha"]),
+        )
+        for n in names
+    }

@@ -1,0 +1,165 @@
+"""LoRA: adapters hooked into the UNet equal their merged weights; kohya files we write give diffusers'
+images (load_lora_weights) with sample.py's lora=; LoRA training trains only the adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import model_config, randomize_
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from test_sample import NEGATIVE, PROMPT, sample_config, tiny_sd2_config
+
+from ldm.checkpoint import checkpoint_from_model, save_checkpoint
+from ldm.cli.sample import run
+from ldm.lora import UNetLoRA, read_lora_file, save_kohya
+from ldm.models.stable_diffusion import StableDiffusion
+
+
+def model_with_lora(seed: int, sd2: bool = False, rank: int = 2, alpha: float = 3.0, targets=None):
+    cfg = tiny_sd2_config() if sd2 else model_config("tiny")
+    model = randomize_(StableDiffusion.from_config(cfg), std=0.08, seed=seed).eval()
+    kwargs = {"targets": targets} if targets else {}
+    lora = UNetLoRA(model.unet, rank=rank, alpha=alpha, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    for adapter in lora.adapters.values():  # a trained adapter: up is no longer zero
+        adapter.up.weight.data = torch.randn(adapter.up.weight.shape, generator=generator) * 0.3
+    return model, lora
+
+
+def test_hooked_adapters_equal_their_merged_weights_and_start_as_no_change(tmp_path):
+    model, lora = model_with_lora(0)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        hooked = model.apply_model(x, t, c)
+        lora.detach()
+        base = model.apply_model(x, t, c)
+    assert (hooked - base).abs().max() > 1e-2, "the adapters must change the output, or nothing is compared"
+    save_kohya(lora, model.config["unet"], tmp_path / "l.safetensors")
+    for key, delta in read_lora_file(tmp_path / "l.safetensors", model.config["unet"]).items():
+        weight = dict(model.unet.named_parameters())[key]
+        weight.data += delta
+    with torch.no_grad():
+        torch.testing.assert_close(model.apply_model(x, t, c), hooked, rtol=1e-4, atol=1e-5)
+    fresh = UNetLoRA(model.unet, rank=4)
+    with torch.no_grad():
+        after = model.apply_model(x, t, c)
+        fresh.detach()
+        torch.testing.assert_close(after, model.apply_model(x, t, c))
+
+
+@pytest.mark.parametrize(
+    ("sd2", "scale", "targets", "fmt"),
+    [
+        (False, 1.0, None, "kohya"),
+        (True, 0.6, ["to_q", "to_v", "proj_in", "proj_out", "ff.net.2"], "kohya"),
+        (False, 0.8, None, "peft"),
+    ],
+)
+def test_lora_file_samples_as_diffusers_load_lora_weights(tmp_path, sd2, scale, targets, fmt):
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    model, lora = model_with_lora(3, sd2=sd2, targets=targets)
+    lora.detach()
+    folder = tmp_path / "base"
+    save_checkpoint(checkpoint_from_model(model), folder)
+    path = tmp_path / "style.safetensors"
+    save_kohya(lora, model.config["unet"], path)
+    if fmt == "peft":  # diffusers' own format: unet.<path>.lora_A / lora_B, alpha = rank (here 2 -> scale by 3/2)
+        path = to_peft(path, model.config["unet"], tmp_path / "peft.safetensors")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    theirs = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=6.0, height=32, width=32,
+                  generator=torch.Generator("cpu").manual_seed(1), num_images_per_prompt=2, output_type="np",
+                  cross_attention_kwargs={"scale": scale}).images
+    theirs = (theirs * 255).round().astype("uint8")
+
+    def ours(lora_path: Path | None, out: str) -> np.ndarray:
+        overrides = [f"ckpt={folder}", f"prompt='{PROMPT}'", f"negative_prompt='{NEGATIVE}'", "steps=8",
+                     "guidance_scale=6.0", "height=32", "width=32", "seed=1", "num_images=2", f"out_dir={tmp_path / out}"]
+        overrides += [f"lora={lora_path}", f"lora_scale={scale}"] if lora_path else []
+        paths = run(sample_config(overrides))
+        return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths if not p.name.startswith("grid")])
+
+    mine = ours(path, "with")
+    diff = np.abs(mine.astype(int) - theirs.astype(int)).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+    assert np.abs(ours(None, "without").astype(int) - mine.astype(int)).max() > 10, "the LoRA must matter"
+
+
+def to_peft(kohya: Path, unet_config: dict, out: Path) -> Path:
+    """The same LoRA in diffusers' peft layout, alphas folded into lora_B (diffusers assumes alpha = rank)."""
+    from ldm.formats.unet import diffusers_key_map
+    from ldm.lora import _kohya_stems
+
+    stems = _kohya_stems(unet_config)
+    to_diffusers = diffusers_key_map(unet_config)
+    sd = load_file(str(kohya))
+    peft = {}
+    for key in sd:
+        if key.endswith(".lora_down.weight"):
+            stem = key.removesuffix(".lora_down.weight")
+            name = to_diffusers[stems[stem] + ".weight"].removesuffix(".weight")
+            down, up = sd[key], sd[f"{stem}.lora_up.weight"]
+            up = up * (float(sd[f"{stem}.alpha"]) / down.shape[0])
+            peft[f"unet.{name}.lora_A.weight"], peft[f"unet.{name}.lora_B.weight"] = down, up
+    save_file(peft, str(out))
+    return out
+
+
+def test_bad_lora_files_are_one_clear_line(tmp_path):
+    model, lora = model_with_lora(0)
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(checkpoint_from_model(model), ckpt)
+    text = tmp_path / "te.safetensors"
+    save_file({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 64)}, str(text))
+    other = tmp_path / "other.safetensors"
+    save_file({"lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 64),
+               "lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight": torch.zeros(64, 2)}, str(other))
+    base = [f"ckpt={ckpt}", "prompt=x", "steps=1", f"out_dir={tmp_path / 'o'}"]
+    for lora_arg, message in ((tmp_path / "nope.safetensors", "does not exist"), (text, "text encoder"),
+                              (other, "LoRA layers this UNet does not have")):
+        with pytest.raises(ValueError, match=message):
+            run(sample_config([*base, f"lora={lora_arg}"]))
+
+
+def test_lora_training_trains_only_adapters_and_its_file_samples_as_its_checkpoint(tmp_path):
+    from test_train import BARE, QUIET, compose_train, load_ckpt, run_dir
+
+    from ldm.cli.train import train
+
+    # from trained (here: random) weights, as LoRA is used: a fresh UNet's zero output layer passes no gradient
+    start = tmp_path / "start.safetensors"
+    save_checkpoint(checkpoint_from_model(randomize_(StableDiffusion.from_config(model_config("tiny")), std=0.08)), start)
+    lora = ["module.lora={rank:2,alpha:4}", f"module.init_from={start}"]
+    train(compose_train(tmp_path, [*lora, "trainer.max_steps=4", "module.optimizer.lr=1e-2", *BARE, *QUIET]))
+    out = run_dir(tmp_path)
+    saved = load_ckpt(out / "checkpoints" / "last.ckpt")["state_dict"]
+    assert not any(k.startswith("model_ema.") for k in saved), "a LoRA run keeps no EMA of the frozen UNet"
+    ups = [v for k, v in saved.items() if k.startswith("lora.adapters.") and k.endswith("up.weight")]
+    assert ups and all(v.abs().max() > 0 for v in ups), "the adapters trained"
+    # the UNet itself did not move
+    initial = load_file(str(start))
+    unet = [k for k in saved if k.startswith("model.diffusion_model.")]
+    assert unet and all(torch.equal(saved[k], initial[k]) for k in unet)
+
+    # the base weights + the exported kohya file = the training checkpoint read with its adapters merged
+    base = start
+    common = ["prompt='a red circle on a blue background'", "steps=4", "seed=3", "height=32", "width=32"]
+    with_file = run(sample_config([f"ckpt={base}", f"lora={out / 'lora.safetensors'}", *common, f"out_dir={tmp_path / 'a'}"]))
+    merged = run(sample_config([f"ckpt={out / 'checkpoints' / 'last.ckpt'}", *common, f"out_dir={tmp_path / 'b'}"]))
+    plain = run(sample_config([f"ckpt={base}", *common, f"out_dir={tmp_path / 'c'}"]))
+    a, b, c = (np.asarray(Image.open(p[0])) for p in (with_file, merged, plain))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert np.abs(a.astype(int) - c.astype(int)).max() > 0, "the trained LoRA changes the images"
+
+
+def test_lora_targets_that_name_no_linear_layer_are_refused():
+    model = StableDiffusion.from_config(model_config("tiny"))  # SD 1.x-like: proj_in is a 1x1 convolution
+    with pytest.raises(ValueError, match=r"\['proj_in'\] name no Linear layer"):
+        UNetLoRA(model.unet, targets=["to_q", "proj_in"])
