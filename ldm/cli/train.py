@@ -224,6 +224,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
         save_kohya(module.lora, module.config["unet"], output_dir / "lora.safetensors")
         log.info("LoRA weights: %s (sample.py ckpt=<base> lora=...)", output_dir / "lora.safetensors")
+        if getattr(module, "train_text_encoder", False):
+            log.warning("lora.safetensors holds the UNet's adapters only; the trained text encoder is in the checkpoint")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         log.info("finished at step %d: %s", trainer.global_step, metrics)
