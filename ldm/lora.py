@@ -5,7 +5,7 @@ their weights stay frozen, export it as a kohya/sd-scripts `.safetensors` file (
     lora = UNetLoRA(model.unet, rank=8, alpha=8)     # adapters on the attention projections, hooked in
     ...train lora.parameters()...
     save_kohya(lora, model.config["unet"], "style.safetensors")
-    merge_lora_file(model.unet, "style.safetensors", scale=0.8)   # W += 0.8 · (α / r) · up @ down
+    merge_lora_file(model, "style.safetensors", scale=0.8)   # W += 0.8 · (α / r) · up @ down
 
 Layers are named as in LDM (`input_blocks.1.1.transformer_blocks.0.attn1.to_q`); files name them as
 diffusers does (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`). The adapters
@@ -146,22 +146,77 @@ def save_kohya(lora: UNetLoRA, unet_config: Mapping[str, Any], path: str | Path)
     save_file(tensors, str(path), metadata=meta)
 
 
-def read_lora_file(path: str | Path, unet_config: Mapping[str, Any]) -> dict[str, Tensor]:
-    """A LoRA file's UNet weight updates, LDM weight key -> (α / r) · up @ down (unscaled by the user's
-    scale). Reads kohya/sd-scripts files and diffusers/peft ones (`unet.<path>.lora_A/lora_B.weight`)."""
+TEXT_KOHYA_PREFIX = "lora_te_"
+TEXT_PEFT_PREFIX = "text_encoder."
+
+
+def _load(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"lora={path} does not exist")
     try:
-        sd = load_file(str(path))
+        return load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for foreign files
         raise ValueError(f"lora={path} is not a safetensors file ({err})") from None
-    if any(k.startswith(("lora_te", "text_encoder.", "te.")) for k in sd):
-        raise ValueError(f"lora={path} also changes the text encoder, which sample.py does not apply yet")
-    pairs = _kohya_pairs(sd, unet_config) if any(k.startswith(KOHYA_PREFIX) for k in sd) else _peft_pairs(sd, unet_config)
-    if not pairs:
-        raise ValueError(f"lora={path} holds no UNet LoRA weights (expected kohya 'lora_unet_*' or 'unet.*lora_A' keys)")
+
+
+def _changes_text_encoder(sd: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith(("lora_te", TEXT_PEFT_PREFIX, "te.")) for k in sd)
+
+
+def _unet_deltas(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any], path: Path | str) -> dict[str, Tensor]:
+    unet_sd = {k: v for k, v in sd.items() if not k.startswith(("lora_te", TEXT_PEFT_PREFIX))}
+    kohya = any(k.startswith(KOHYA_PREFIX) for k in unet_sd)
+    pairs = _kohya_pairs(unet_sd, unet_config) if kohya else _peft_pairs(unet_sd, unet_config)
+    if not pairs and not _changes_text_encoder(sd):
+        raise ValueError(f"lora={path} holds no LoRA weights (expected kohya 'lora_unet_*' or 'unet.*lora_A' keys)")
     return {f"{name}.weight": _delta(*parts) for name, parts in pairs.items()}
+
+
+def read_lora_file(path: str | Path, unet_config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """A LoRA file's UNet weight updates, LDM weight key -> (α / r) · up @ down (unscaled by the user's
+    scale). Reads kohya/sd-scripts files and diffusers/peft ones (`unet.<path>.lora_A/lora_B.weight`);
+    refuses files that also change the text encoder (`merge_lora_file` applies those)."""
+    sd = _load(path)
+    if _changes_text_encoder(sd):
+        raise ValueError(f"lora={path} also changes the text encoder: apply it with merge_lora_file")
+    return _unet_deltas(sd, unet_config, path)
+
+
+def _text_encoder_deltas(sd: Mapping[str, Tensor], text_encoder: nn.Module, path: Path | str) -> dict[str, Tensor]:
+    """Updates of a CLIP text encoder's Linear layers (kohya `lora_te_text_model_*`, peft
+    `text_encoder.text_model.*`), keyed by the encoder's own weight names (`transformer.text_model...`)."""
+    te = {k: v for k, v in sd.items() if k.startswith(("lora_te", TEXT_PEFT_PREFIX, "te."))}
+    if not te:
+        return {}
+    holder = getattr(text_encoder, "transformer", None)
+    if holder is None or not hasattr(holder, "text_model"):
+        raise ValueError(
+            f"lora={path} changes the text encoder, and text-encoder LoRAs apply to SD 1.x's CLIP text model only "
+            "(not to the OpenCLIP tower of SD 2.x)"
+        )
+    linears = {n: m for n, m in holder.named_modules() if isinstance(m, nn.Linear)}
+    stems = {TEXT_KOHYA_PREFIX + n.replace(".", "_"): n for n in linears}
+    deltas: dict[str, Tensor] = {}
+    for key in te:
+        if key.endswith(".lora_down.weight"):
+            stem, up_key = key.removesuffix(".lora_down.weight"), key.replace("lora_down", "lora_up")
+            name = stems.get(stem)
+            alpha_key = f"{stem}.alpha"
+        elif re.fullmatch(r".+\.lora_A(?:\.default)?\.weight", key) and key.startswith(TEXT_PEFT_PREFIX):
+            base = re.sub(r"\.lora_A(?:\.default)?\.weight$", "", key)
+            name = base.removeprefix(TEXT_PEFT_PREFIX) if base.removeprefix(TEXT_PEFT_PREFIX) in linears else None
+            up_key, alpha_key, stem = key.replace("lora_A", "lora_B"), f"{base}.alpha", base
+        else:
+            continue
+        if name is None:
+            raise ValueError(f"lora={path}: text-encoder layer {stem} is not in this CLIP text model")
+        down = te[key]
+        alpha = float(te[alpha_key]) if alpha_key in te else float(down.shape[0])
+        deltas[f"transformer.{name}.weight"] = _delta(down, _up(te, up_key, path), alpha)
+    if not deltas:
+        raise ValueError(f"lora={path}: text-encoder keys of an unknown layout ({sorted(te)[:3]})")
+    return deltas
 
 
 def _kohya_pairs(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any]) -> dict[str, tuple[Tensor, Tensor, float]]:
@@ -175,7 +230,7 @@ def _kohya_pairs(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any]) -> di
         if stem not in stems:
             unknown.append(stem)
             continue
-        down, up = sd[key], sd[f"{stem}.lora_up.weight"]
+        down, up = sd[key], _up(sd, f"{stem}.lora_up.weight", "file")
         alpha = float(sd[f"{stem}.alpha"]) if f"{stem}.alpha" in sd else float(down.shape[0])
         pairs[stems[stem]] = (down, up, alpha)
     if unknown:
@@ -193,10 +248,16 @@ def _peft_pairs(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any]) -> dic
         if match[1] not in to_ldm:
             raise ValueError(f"LoRA layer {match[1]} is not in this UNet")
         down = sd[key]
-        up = sd[key.replace("lora_A", "lora_B")]
+        up = _up(sd, key.replace("lora_A", "lora_B"), "file")
         alpha_key = f"{PEFT_PREFIX}{match[1]}.alpha"
         pairs[to_ldm[match[1]]] = (down, up, float(sd[alpha_key]) if alpha_key in sd else float(down.shape[0]))
     return pairs
+
+
+def _up(sd: Mapping[str, Tensor], key: str, path: Path | str) -> Tensor:
+    if key not in sd:
+        raise ValueError(f"lora={path}: {key} is missing (each down/A matrix needs its up/B matrix)")
+    return sd[key]
 
 
 def _delta(down: Tensor, up: Tensor, alpha: float) -> Tensor:
@@ -214,13 +275,18 @@ def merge_deltas(unet: nn.Module, deltas: Mapping[str, Tensor], scale: float = 1
     params = dict(unet.named_parameters())
     for key, delta in deltas.items():
         if key not in params:
-            raise ValueError(f"LoRA layer {key} is not in this UNet")
+            raise ValueError(f"LoRA layer {key} is not in this model")
         weight = params[key]
         weight += (scale * delta.to(weight.device, torch.float32)).reshape(weight.shape).to(weight.dtype)
 
 
-def merge_lora_file(unet: nn.Module, path: str | Path, unet_config: Mapping[str, Any], scale: float = 1.0) -> None:
-    merge_deltas(unet, read_lora_file(path, unet_config), scale)
+def merge_lora_file(model: nn.Module, path: str | Path, scale: float = 1.0) -> None:
+    """Merge a LoRA file into a StableDiffusion model: its UNet part, and its CLIP text-encoder part if any."""
+    sd = _load(path)
+    text = _text_encoder_deltas(sd, model.cond_stage_model, path)  # checked first: refuse before changing anything
+    unet = _unet_deltas(sd, model.config["unet"], path)
+    merge_deltas(model.unet, unet, scale)
+    merge_deltas(model.cond_stage_model, text, scale)
 
 
 def adapter_deltas(state_dict: Mapping[str, Tensor], prefix: str = "lora.adapters.") -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ from test_sample import NEGATIVE, PROMPT, sample_config, tiny_sd2_config
 
 from ldm.checkpoint import checkpoint_from_model, save_checkpoint
 from ldm.cli.sample import run
-from ldm.lora import UNetLoRA, read_lora_file, save_kohya
+from ldm.lora import UNetLoRA, merge_lora_file, read_lora_file, save_kohya
 from ldm.models.stable_diffusion import StableDiffusion
 
 
@@ -116,13 +116,15 @@ def test_bad_lora_files_are_one_clear_line(tmp_path):
     model, lora = model_with_lora(0)
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(checkpoint_from_model(model), ckpt)
-    text = tmp_path / "te.safetensors"
-    save_file({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 64)}, str(text))
+    text = tmp_path / "te.safetensors"  # a text-encoder layer this 2-layer CLIP model does not have
+    save_file({"lora_te_text_model_encoder_layers_7_self_attn_q_proj.lora_down.weight": torch.zeros(2, 64),
+               "lora_te_text_model_encoder_layers_7_self_attn_q_proj.lora_up.weight": torch.zeros(64, 2)}, str(text))
     other = tmp_path / "other.safetensors"
     save_file({"lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 64),
                "lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight": torch.zeros(64, 2)}, str(other))
     base = [f"ckpt={ckpt}", "prompt=x", "steps=1", f"out_dir={tmp_path / 'o'}"]
-    for lora_arg, message in ((tmp_path / "nope.safetensors", "does not exist"), (text, "text encoder"),
+    for lora_arg, message in ((tmp_path / "nope.safetensors", "does not exist"),
+                              (text, "text-encoder layer lora_te_text_model_encoder_layers_7_self_attn_q_proj"),
                               (other, "LoRA layers this UNet does not have")):
         with pytest.raises(ValueError, match=message):
             run(sample_config([*base, f"lora={lora_arg}"]))
@@ -163,3 +165,57 @@ def test_lora_targets_that_name_no_linear_layer_are_refused():
     model = StableDiffusion.from_config(model_config("tiny"))  # SD 1.x-like: proj_in is a 1x1 convolution
     with pytest.raises(ValueError, match=r"\['proj_in'\] name no Linear layer"):
         UNetLoRA(model.unet, targets=["to_q", "proj_in"])
+
+
+def with_text_encoder_lora(path: Path, model: StableDiffusion, seed: int) -> None:
+    """Add kohya text-encoder entries (q, v and the MLP's fc1 of every layer) to a LoRA file."""
+    sd = load_file(str(path))
+    generator = torch.Generator().manual_seed(seed)
+    for name, layer in model.cond_stage_model.transformer.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.endswith(("q_proj", "v_proj", "fc1")):
+            stem = "lora_te_" + name.replace(".", "_")
+            sd[f"{stem}.lora_down.weight"] = torch.randn(2, layer.in_features, generator=generator) * 0.3
+            sd[f"{stem}.lora_up.weight"] = torch.randn(layer.out_features, 2, generator=generator) * 0.3
+            sd[f"{stem}.alpha"] = torch.tensor(1.0)
+    save_file(sd, str(path))
+
+
+def test_text_encoder_lora_matches_peft_on_the_clip_model_and_is_refused_for_openclip(tmp_path):
+    """kohya text-encoder entries (`lora_te_text_model_*`) merged into our CLIP text model give the text
+    embeddings of peft's LoRA layers on the same transformers model. (diffusers 0.42 with transformers 5
+    drops the attention part of kohya text-encoder LoRAs on load, so it cannot be the reference here.)"""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    model, lora = model_with_lora(5)
+    lora.detach()
+    path = tmp_path / "style.safetensors"
+    save_kohya(lora, model.config["unet"], path)
+    with_text_encoder_lora(path, model, 5)
+    reference = copy.deepcopy(model.cond_stage_model.transformer)
+    targets = ["q_proj", "v_proj", "fc1"]
+    reference = peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=1, target_modules=targets), reference)
+    sd = load_file(str(path))
+    with torch.no_grad():
+        for name, layer in reference.named_modules():
+            if hasattr(layer, "lora_A") and "default" in layer.lora_A:
+                stem = "lora_te_" + name.replace(".", "_")
+                layer.lora_A["default"].weight.copy_(sd[f"{stem}.lora_down.weight"])
+                layer.lora_B["default"].weight.copy_(sd[f"{stem}.lora_up.weight"])
+                layer.scaling["default"] = 0.7 * 1.0 / 2  # lora_scale · alpha / rank
+    tokens = model.cond_stage_model.tokenize([PROMPT, "a cat"])
+    with torch.no_grad():
+        before = model.cond_stage_model.encode(tokens)
+        merge_lora_file(model, path, 0.7)
+        ours = model.cond_stage_model.encode(tokens)
+        theirs = reference.text_model(input_ids=tokens).last_hidden_state
+    assert (ours - before).abs().max() > 1e-2, "the text-encoder LoRA must change the embeddings"
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+    sd2, sd2_lora = model_with_lora(6, sd2=True)
+    sd2_lora.detach()
+    sd2_path = tmp_path / "sd2.safetensors"
+    save_kohya(sd2_lora, sd2.config["unet"], sd2_path)
+    with_text_encoder_lora(sd2_path, model, 6)  # CLIP-named layers, for an OpenCLIP model
+    with pytest.raises(ValueError, match="SD 1.x's CLIP text model only"):
+        merge_lora_file(sd2, sd2_path)

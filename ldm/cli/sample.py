@@ -101,7 +101,7 @@ def apply_loras(cfg: DictConfig, model: Any) -> None:
         raise UsageError(f"{len(paths)} LoRA files but {len(scales)} lora_scale values: give one, or one per file")
     for path, scale in zip(paths, scales, strict=True):
         try:
-            merge_lora_file(model.unet, path, model.config["unet"], float(scale))
+            merge_lora_file(model, path, float(scale))
         except FileNotFoundError as err:
             raise UsageError(str(err)) from None
 
