@@ -167,7 +167,7 @@ def _changes_text_encoder(sd: Mapping[str, Tensor]) -> bool:
 def _unet_deltas(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any], path: Path | str) -> dict[str, Tensor]:
     unet_sd = {k: v for k, v in sd.items() if not k.startswith(("lora_te", TEXT_PEFT_PREFIX))}
     kohya = any(k.startswith(KOHYA_PREFIX) for k in unet_sd)
-    pairs = _kohya_pairs(unet_sd, unet_config) if kohya else _peft_pairs(unet_sd, unet_config)
+    pairs = _kohya_pairs(unet_sd, unet_config, path) if kohya else _peft_pairs(unet_sd, unet_config, path)
     if not pairs and not _changes_text_encoder(sd):
         raise ValueError(f"lora={path} holds no LoRA weights (expected kohya 'lora_unet_*' or 'unet.*lora_A' keys)")
     return {f"{name}.weight": _delta(*parts) for name, parts in pairs.items()}
@@ -219,7 +219,9 @@ def _text_encoder_deltas(sd: Mapping[str, Tensor], text_encoder: nn.Module, path
     return deltas
 
 
-def _kohya_pairs(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any]) -> dict[str, tuple[Tensor, Tensor, float]]:
+def _kohya_pairs(
+    sd: Mapping[str, Tensor], unet_config: Mapping[str, Any], path: Path | str
+) -> dict[str, tuple[Tensor, Tensor, float]]:
     stems = _kohya_stems(unet_config)
     pairs: dict[str, tuple[Tensor, Tensor, float]] = {}
     unknown = []
@@ -230,15 +232,19 @@ def _kohya_pairs(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any]) -> di
         if stem not in stems:
             unknown.append(stem)
             continue
-        down, up = sd[key], _up(sd, f"{stem}.lora_up.weight", "file")
+        down, up = sd[key], _up(sd, f"{stem}.lora_up.weight", path)
         alpha = float(sd[f"{stem}.alpha"]) if f"{stem}.alpha" in sd else float(down.shape[0])
         pairs[stems[stem]] = (down, up, alpha)
     if unknown:
-        raise ValueError(f"LoRA layers this UNet does not have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        raise ValueError(
+            f"lora={path}: LoRA layers this UNet does not have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+        )
     return pairs
 
 
-def _peft_pairs(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any]) -> dict[str, tuple[Tensor, Tensor, float]]:
+def _peft_pairs(
+    sd: Mapping[str, Tensor], unet_config: Mapping[str, Any], path: Path | str
+) -> dict[str, tuple[Tensor, Tensor, float]]:
     to_ldm = {d.removesuffix(".weight"): k.removesuffix(".weight") for k, d in diffusers_key_map(unet_config).items()}
     pairs: dict[str, tuple[Tensor, Tensor, float]] = {}
     for key in sd:
@@ -246,9 +252,9 @@ def _peft_pairs(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any]) -> dic
         if match is None:
             continue
         if match[1] not in to_ldm:
-            raise ValueError(f"LoRA layer {match[1]} is not in this UNet")
+            raise ValueError(f"lora={path}: LoRA layer {match[1]} is not in this UNet")
         down = sd[key]
-        up = _up(sd, key.replace("lora_A", "lora_B"), "file")
+        up = _up(sd, key.replace("lora_A", "lora_B"), path)
         alpha_key = f"{PEFT_PREFIX}{match[1]}.alpha"
         pairs[to_ldm[match[1]]] = (down, up, float(sd[alpha_key]) if alpha_key in sd else float(down.shape[0]))
     return pairs
