@@ -45,6 +45,8 @@ class SampleImages(L.Callback):
     and log a captioned grid to every logger; the PNG also lands in `<run dir>/samples/`.
 
     Pinning the prompts and z_T makes grids comparable across steps: the change is the training.
+    Grids are drawn at `resolution` if given, else at the training data's resolution, else at the
+    model's native `image_size` (see `sample_resolution`).
     Models conditioned on a picture or a semantic map sample the pictures or maps of the run's first
     training batch with their captions (as many as there are prompts, pinned from then on); their grids
     show each input picture or (coloured) map beside its output.
@@ -97,10 +99,24 @@ class SampleImages(L.Callback):
         if self.sample_on_train_end and trainer.global_step != self._last_step:
             self.log_samples(trainer, pl_module)
 
-    def sample(self, pl_module: Any) -> list[np.ndarray]:
-        resolution = self.resolution or pl_module.config["first_stage"]["ddconfig"]["resolution"]
+    def sample_resolution(self, pl_module: Any, trainer: L.Trainer | None = None) -> int:
+        """The side of the sampled pictures: the pinned inputs' size for models conditioned on them; else
+        `resolution` when configured; else the training data's (a run at another size than the model's
+        samples at the size it trains at); else the model's native `image_size` (512 for SD 1.x, 768 for
+        SD 2.x-768). Never the autoencoder's `ddconfig.resolution`: that is 256 for every SD model."""
         if self.inputs is not None:
-            resolution = self.inputs.shape[-1]
+            return int(self.inputs.shape[-1])
+        if self.resolution:
+            return int(self.resolution)
+        if trainer is None:
+            trainer = getattr(pl_module, "_trainer", None)  # `pl_module.trainer` raises when detached
+        data_resolution = getattr(getattr(trainer, "datamodule", None), "resolution", None)
+        if data_resolution:
+            return int(data_resolution)
+        return int(pl_module.config["image_size"])
+
+    def sample(self, pl_module: Any, trainer: L.Trainer | None = None) -> list[np.ndarray]:
+        resolution = self.sample_resolution(pl_module, trainer)
         generator = torch.Generator("cpu").manual_seed(self.seed)
         noise = initial_noise(
             len(self.prompts), pl_module.latent_channels, resolution, resolution, pl_module.downsampling_factor, generator
@@ -139,7 +155,7 @@ class SampleImages(L.Callback):
     def log_samples(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._last_step = trainer.global_step
         # Every rank samples: under trainer=fsdp each forward gathers the weights from all ranks.
-        images = self.sample(pl_module)
+        images = self.sample(pl_module, trainer)
         concat = getattr(pl_module, "concat", None)
         if concat in self.INPUT_KEYS and self.inputs is not None:
             shown = tensor_to_uint8(self.inputs) if concat == "image" else colour_maps(self.inputs.numpy())
@@ -194,7 +210,7 @@ class CaptionFidelity(L.Callback):
         return self.judge(images, self.sampler.prompts)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        images = self.sampler.sample(pl_module)  # on every rank, as SampleImages
+        images = self.sampler.sample(pl_module, trainer)  # on every rank, as SampleImages
         if not trainer.is_global_zero:
             return
         self.score = float(self._judge(images))
