@@ -8,6 +8,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.formats.text import (
+    flat_text_model_names,
     openclip_keys_dropped_in_diffusers,
     text_config_from_diffusers,
     text_config_from_state_dict,
@@ -70,7 +71,7 @@ def openclip_layout_keys(layers: int) -> set[str]:
 def hf_text_model(sd_ldm: dict, kind: str, cfg: dict) -> CLIPTextModel:
     """transformers' CLIPTextModel holding our weights, through OUR config and weight conversion."""
     ref = CLIPTextModel(CLIPTextConfig(**text_config_to_diffusers(kind, cfg)))
-    ref.load_state_dict(text_to_diffusers(sd_ldm, kind))
+    ref.load_state_dict(flat_text_model_names(text_to_diffusers(sd_ldm, kind)))
     return ref.eval()
 
 
@@ -157,13 +158,17 @@ def test_clip_round_trip_is_bit_identical():
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-def test_clip_from_transformers4_names():
-    """Hub SD 1.x folders (transformers 4) keep `text_model.` and position_ids."""
+def test_clip_from_hub_and_transformers5_names():
+    """Hub SD 1.x folders keep `text_model.` (as we write it) and position_ids; transformers 5's
+    own state dict drops the level."""
     sd = CLIPTextEmbedder(TINY_CLIP).state_dict()
-    hf4 = {"text_model." + k: v for k, v in text_to_diffusers(sd, "clip").items()}
-    hf4["text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    back = text_from_diffusers(hf4, "clip")
-    assert back.keys() == sd.keys()
+    hub = text_to_diffusers(sd, "clip")
+    assert all(k.startswith("text_model.") for k in hub)
+    hub["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    assert text_from_diffusers(hub, "clip").keys() == sd.keys()
+    flat = flat_text_model_names(hub)
+    assert not any(k.startswith("text_model.") for k in flat) and "embeddings.position_ids" not in flat
+    assert text_from_diffusers(flat, "clip").keys() == sd.keys()
 
 
 def test_clip_config_round_trip():
@@ -271,7 +276,7 @@ def test_openclip_round_trip_keeps_all_but_documented_drops():
 def test_openclip_last_layer_tower_keeps_every_block():
     sd = OpenCLIPTextEmbedder(**TINY_OPENCLIP, layer="last").state_dict()
     hf = text_to_diffusers(sd, "openclip", layer="last")
-    assert {int(k.split(".")[2]) for k in hf if k.startswith("encoder.layers.")} == {0, 1, 2}
+    assert {int(k.split(".")[3]) for k in hf if k.startswith("text_model.encoder.layers.")} == {0, 1, 2}
     cfg = text_config_to_diffusers("openclip", {**TINY_OPENCLIP, "layer": "last"})
     assert cfg["num_hidden_layers"] == 3
 
@@ -295,7 +300,7 @@ def test_conversion_errors_name_the_bad_keys():
     with pytest.raises(ValueError, match="model.visual.proj"):
         text_to_diffusers({**sd, "model.visual.proj": torch.zeros(1)}, "openclip")
     hf = text_to_diffusers(sd, "openclip")
-    del hf["encoder.layers.0.self_attn.k_proj.weight"]
+    del hf["text_model.encoder.layers.0.self_attn.k_proj.weight"]
     with pytest.raises(ValueError, match=r"in_proj_weight.*\['k'\]"):
         text_from_diffusers(hf, "openclip")
     with pytest.raises(ValueError, match="not CLIP text-encoder keys"):

@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ldm.checkpoint import checkpoint_from_model, read_checkpoint, save_checkpoint
 from ldm.convert import main as convert_main
 from ldm.formats.text import (
+    flat_text_model_names,
     text_config_from_diffusers,
     text_config_from_state_dict,
     text_config_to_diffusers,
@@ -298,7 +299,7 @@ def test_clip_matches_transformers_and_round_trips(seed):
     ours = perturb_(CLIPTextEmbedder(cfg), seed)
     sd = ours.state_dict()
     theirs = CLIPTextModel(CLIPTextConfig(**text_config_to_diffusers("clip", {"config": cfg}))).eval()
-    theirs.load_state_dict(text_to_diffusers(sd, "clip"), strict=True)
+    theirs.load_state_dict(flat_text_model_names(text_to_diffusers(sd, "clip")), strict=True)
     tokens = ours.tokenize(PROMPTS)
     out = ours.encode(tokens)
     assert rel_err(out, theirs(input_ids=tokens).last_hidden_state) < TOLERANCE
@@ -358,7 +359,8 @@ def test_openclip_matches_open_clip_and_diffusers(seed):
     assert rel_err(out, open_clip_hidden(sd, cfg, tokens)) < TOLERANCE
 
     hf = CLIPTextModel(CLIPTextConfig(**text_config_to_diffusers("openclip", cfg))).eval()
-    hf.load_state_dict(text_to_diffusers(sd, "openclip", layer=cfg["layer"]), strict=True)
+    hf_sd = text_to_diffusers(sd, "openclip", layer=cfg["layer"])
+    hf.load_state_dict(flat_text_model_names(hf_sd), strict=True)
     assert rel_err(out, hf(input_ids=tokens).last_hidden_state) < TOLERANCE
     kind, back = text_config_from_diffusers(hf.config.to_dict())
     assert kind == "openclip"

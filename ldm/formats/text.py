@@ -1,8 +1,12 @@
 """Text-encoder weights and configs: our LDM names <-> diffusers `text_encoder/` (transformers).
 
 LDM names are those below `cond_stage_model.` (what `CLIPTextEmbedder` / `OpenCLIPTextEmbedder`
-hold); diffusers names are transformers 5's `CLIPTextModel` names, which drop the `text_model.`
-level (transformers loads either form; `text_from_diffusers` accepts either too).
+hold); diffusers names are those of published SD folders' `text_encoder/model.safetensors`:
+`CLIPTextModel` names with the `text_model.` level (`text_model.embeddings.*`,
+`text_model.encoder.layers.N.*`, `text_model.final_layer_norm.*`), which transformers 4 and tools
+reading the tensors directly expect and transformers 5 maps when loading a folder.
+transformers 5's own `CLIPTextModel.state_dict()` drops that level: `text_from_diffusers` accepts
+either form, and `flat_text_model_names` turns ours into the form its `load_state_dict` takes.
 
 kind "clip" (SD 1.x): the same tensors, `transformer.text_model.` prefix added or removed.
 
@@ -34,7 +38,7 @@ from ldm.models.encoders import (
 
 KINDS = ("clip", "openclip")
 CLIP_PREFIX = "transformer.text_model."
-HF_PREFIX = "text_model."  # transformers 4 (and hub SD folders) keep this level
+HF_PREFIX = "text_model."  # published SD folders (and transformers 4) keep this level
 POSITION_IDS = "embeddings.position_ids"
 
 _CLIP_KEY = re.compile(
@@ -63,7 +67,7 @@ _QKV = ("q", "k", "v")
 
 
 def text_to_diffusers(sd: dict, kind: str, layer: str | None = None) -> dict:
-    """LDM text-encoder state dict -> diffusers `text_encoder/` (transformers 5 names).
+    """LDM text-encoder state dict -> diffusers `text_encoder/` (published `text_model.*` names).
 
     openclip: `layer` is the tower's output layer; None infers it from `sd` (see module doc).
     A penultimate tower loses its last block; text_projection/logit_scale are dropped.
@@ -77,7 +81,7 @@ def text_to_diffusers(sd: dict, kind: str, layer: str | None = None) -> dict:
 def text_from_diffusers(sd: dict, kind: str) -> dict:
     """diffusers `text_encoder/` state dict -> LDM names (inverse of `text_to_diffusers`).
 
-    Accepts transformers 4 names (`text_model.*`) too; a stored `position_ids` is ignored.
+    Accepts transformers 5's flattened names (no `text_model.`) too; a stored `position_ids` is ignored.
     openclip: the result has no text_projection/logit_scale; build the embedder with
     `layer="last", projection=False` (what `text_config_from_diffusers` returns).
     """
@@ -87,6 +91,12 @@ def text_from_diffusers(sd: dict, kind: str) -> dict:
     if kind == "clip":
         return {CLIP_PREFIX + k: v for k, v in sd.items()}
     return _openclip_from_diffusers(sd)
+
+
+def flat_text_model_names(sd: dict) -> dict:
+    """diffusers `text_encoder/` names -> transformers 5 `CLIPTextModel` ones (no `text_model.`
+    level, no position_ids), what its `load_state_dict` takes (`from_pretrained` maps them itself)."""
+    return _strip_hf_prefix(sd)
 
 
 def openclip_keys_dropped_in_diffusers(sd: dict, layer: str | None = None) -> list[str]:
@@ -187,7 +197,7 @@ def _clip_to_diffusers(sd: dict) -> dict:
         raise ValueError(f"not CLIP text-encoder keys (expected `{CLIP_PREFIX}*`): {foreign}")
     out = {k[len(CLIP_PREFIX) :]: v for k, v in sd.items() if k != CLIPTextEmbedder.POSITION_IDS}
     _check_clip_names(out.keys(), "LDM CLIP text encoder")
-    return out
+    return {HF_PREFIX + k: v for k, v in out.items()}
 
 
 def _openclip_to_diffusers(sd: dict, layer: str) -> dict:
@@ -197,9 +207,9 @@ def _openclip_to_diffusers(sd: dict, layer: str) -> dict:
         if key in dropped:
             continue
         if key in _OC_TOP:
-            out[_OC_TOP[key]] = value
+            out[HF_PREFIX + _OC_TOP[key]] = value
         elif (m := _OC_BLOCK.fullmatch(key)) and (names := _openclip_block_to_hf(m.group(2))):
-            prefix = f"encoder.layers.{m.group(1)}."
+            prefix = f"{HF_PREFIX}encoder.layers.{m.group(1)}."
             if len(names) == 1:
                 out[prefix + names[0]] = value
             else:  # clone: views of one storage cannot be saved as separate safetensors entries
