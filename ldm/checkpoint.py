@@ -15,6 +15,7 @@ builds a module, so tensors pass through untouched.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -57,6 +58,8 @@ from ldm.models.stable_diffusion import (
     downsampling_factor,
     normalize_config,
 )
+
+log = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 LORA_PREFIX = "lora.adapters."  # a LoRA run's adapters (see ldm.lora), merged into the UNet when read
@@ -112,6 +115,8 @@ class Checkpoint:
     # Tensors of the original file that no module holds (schedule buffers, position ids): kept so that a
     # conversion writes them back and a round trip leaves every tensor as it was.
     extras: dict[str, Tensor] = field(default_factory=dict)
+    # How config["prediction_type"] was decided (see settle_prediction_type): printed by the CLIs.
+    prediction_type_note: str = ""
 
     def has_ema(self) -> bool:
         return any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in self.state_dict)
@@ -225,9 +230,17 @@ def _strip(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def read_ldm_file(
-    path: str | Path, prediction_type: str | None = None, allow_unsafe_pickle: bool = False
+    path: str | Path,
+    prediction_type: str | None = None,
+    allow_unsafe_pickle: bool = False,
+    *,
+    force_prediction_type: bool = False,
+    default_prediction_type: str | None = None,
 ) -> Checkpoint:
-    """An LDM single file or one of our own checkpoints, with the architecture read off the tensors."""
+    """An LDM single file or one of our own checkpoints, with the architecture read off the tensors.
+
+    Our own files record the prediction type (their `ldm_config`); original LDM files do not, see
+    `settle_prediction_type` for how it is decided then."""
     obj, metadata = read_tensor_file(path, allow_unsafe_pickle)
     sd = _state_dict_of(obj)
     config = obj.get("ldm_config") if isinstance(obj.get("ldm_config"), dict) else None
@@ -246,16 +259,20 @@ def read_ldm_file(
     unknown = sorted(k for k in sd if not k.startswith(known))
     if unknown:
         raise CheckpointError(_key_report(str(path), [], unknown))
+    recorded = None
     if config is None:
         config = infer_config_from_ldm(sd, str(path))
+    elif config.get("prediction_type") is not None:
+        recorded = (config["prediction_type"], "the ldm_config it was saved with")
     config = dict(config)
-    if prediction_type is not None:
-        config["prediction_type"] = prediction_type
+    note = settle_prediction_type(
+        config, recorded, prediction_type, force_prediction_type, default_prediction_type, str(path), sd
+    )
     try:
         config = normalize_config(config)
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    return Checkpoint(config, sd, None, str(path), extras)
+    return Checkpoint(config, sd, None, str(path), extras, note)
 
 
 def _merge_trained_lora(sd: dict[str, Tensor]) -> None:
@@ -306,7 +323,13 @@ def _read_component(folder: Path, component: str) -> tuple[dict[str, Any], dict[
     raise CheckpointError(f"{folder}: no weights in {component}/ (looked for {', '.join(candidates)})")
 
 
-def read_diffusers_folder(path: str | Path, prediction_type: str | None = None) -> Checkpoint:
+def read_diffusers_folder(
+    path: str | Path,
+    prediction_type: str | None = None,
+    *,
+    force_prediction_type: bool = False,
+    default_prediction_type: str | None = None,
+) -> Checkpoint:
     folder = Path(path)
     unet_dcfg, unet_sd = _read_component(folder, "unet")
     vae_dcfg, vae_sd = _read_component(folder, "vae")
@@ -322,9 +345,11 @@ def read_diffusers_folder(path: str | Path, prediction_type: str | None = None) 
         "scale_factor": scale_factor,
     }
     sched_path = folder / "scheduler" / "scheduler_config.json"
+    recorded = None
     if sched_path.is_file():
         sched = json.loads(sched_path.read_text())
-        config["prediction_type"] = sched.get("prediction_type", "epsilon")
+        # diffusers' schedulers default to epsilon when the key is absent, so the file says epsilon then
+        recorded = (sched.get("prediction_type", "epsilon"), "its scheduler/scheduler_config.json")
         config["schedule"] = {
             "beta_schedule": _our_beta_schedule(sched.get("beta_schedule", DEFAULT_SCHEDULE["beta_schedule"])),
             "linear_start": sched.get("beta_start", DEFAULT_SCHEDULE["linear_start"]),
@@ -333,8 +358,6 @@ def read_diffusers_folder(path: str | Path, prediction_type: str | None = None) 
             "timestep_spacing": sched.get("timestep_spacing", "leading"),
             "steps_offset": sched.get("steps_offset", 1),
         }
-    if prediction_type is not None:
-        config["prediction_type"] = prediction_type
     sd: dict[str, Tensor] = {}
     try:
         for prefix, part in (
@@ -350,9 +373,12 @@ def read_diffusers_folder(path: str | Path, prediction_type: str | None = None) 
         for key, value in unet_from_diffusers(ema_sd, unet_cfg).items():
             sd[ema_key_for(UNET_PREFIX + key)] = value
     extras = _restore_extras(folder, sd, config)
+    note = settle_prediction_type(
+        config, recorded, prediction_type, force_prediction_type, default_prediction_type, str(folder), sd
+    )
     tokenizer = folder / "tokenizer"
     return Checkpoint(
-        normalize_config(config), sd, str(tokenizer) if tokenizer.is_dir() else None, str(folder), extras
+        normalize_config(config), sd, str(tokenizer) if tokenizer.is_dir() else None, str(folder), extras, note
     )
 
 
@@ -376,18 +402,28 @@ def is_diffusers_folder(path: str | Path) -> bool:
 
 
 def read_checkpoint(
-    path: str | Path, prediction_type: str | None = None, allow_unsafe_pickle: bool = False
+    path: str | Path,
+    prediction_type: str | None = None,
+    allow_unsafe_pickle: bool = False,
+    *,
+    force_prediction_type: bool = False,
+    default_prediction_type: str | None = None,
 ) -> Checkpoint:
-    """Any supported checkpoint: an LDM/our single file or a diffusers folder."""
+    """Any supported checkpoint: an LDM/our single file or a diffusers folder.
+
+    `prediction_type` is the user's explicit choice: it must agree with what the checkpoint records unless
+    `force_prediction_type`. `default_prediction_type` (a model config's value) applies only where the
+    checkpoint records nothing. See `settle_prediction_type`."""
     path = Path(path).expanduser()
+    how = {"force_prediction_type": force_prediction_type, "default_prediction_type": default_prediction_type}
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise CheckpointError(
                 f"{path} is a folder but not a diffusers pipeline folder (no unet/config.json); "
                 "give a diffusers folder or a .safetensors/.ckpt file"
             )
-        return read_diffusers_folder(path, prediction_type)
-    return read_ldm_file(path, prediction_type, allow_unsafe_pickle)
+        return read_diffusers_folder(path, prediction_type, **how)
+    return read_ldm_file(path, prediction_type, allow_unsafe_pickle, **how)
 
 
 def load_model(
@@ -395,12 +431,115 @@ def load_model(
     prediction_type: str | None = None,
     ema: bool = False,
     allow_unsafe_pickle: bool = False,
+    *,
+    force_prediction_type: bool = False,
 ) -> StableDiffusion:
     """A ready StableDiffusion module from any supported checkpoint, in eval mode."""
-    ckpt = read_checkpoint(path, prediction_type, allow_unsafe_pickle)
+    ckpt = read_checkpoint(path, prediction_type, allow_unsafe_pickle, force_prediction_type=force_prediction_type)
+    if ckpt.prediction_type_note:
+        log.info("%s", ckpt.prediction_type_note)
     if ema:
         ckpt = ckpt.with_ema_weights()
     return ckpt.build_model().eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The prediction type
+
+
+def settle_prediction_type(
+    config: dict[str, Any],
+    recorded: tuple[str, str] | None,
+    explicit: str | None,
+    force: bool,
+    default: str | None,
+    source: str,
+    sd: dict[str, Tensor],
+) -> str:
+    """Set `config["prediction_type"]` and return one line saying how it was decided:
+
+    1. what the checkpoint records (a diffusers scheduler config, our own checkpoints' ldm_config) wins;
+       an explicit choice that contradicts it is an error unless forced;
+    2. else the explicit choice (`prediction_type=`);
+    3. else, for an SD 2.x-structured text-to-image model (OpenCLIP text encoder), whose 512-base
+       (epsilon) and 768-v files hold the same tensors: read off one UNet evaluation, as AUTOMATIC1111
+       does (`probe_prediction_type`);
+    4. else `default` (the model config's value when training), else epsilon (SD 1.x files).
+    """
+    from ldm.models.stable_diffusion import PREDICTION_TYPES
+
+    for name, value in (("prediction_type", explicit), ("model.prediction_type", default)):
+        if value is not None and value not in PREDICTION_TYPES:
+            raise CheckpointError(
+                f"{name}={value!r} is not one of {list(PREDICTION_TYPES)} "
+                "(diffusers' names: epsilon for SD 1.x and SD 2.x-base, v_prediction for SD 2.x-768)"
+            )
+    other = {"epsilon": "v_prediction", "v_prediction": "epsilon"}
+    if recorded is not None:
+        value, where = recorded
+        if explicit is not None and explicit != value and not force:
+            raise CheckpointError(
+                f"prediction_type={explicit}, but {source} records {value} ({where}). Drop prediction_type= "
+                f"to use the recorded {value}; if the record is wrong, add force_prediction_type=true "
+                "(ldm-convert: --force-prediction-type)"
+            )
+        if explicit is not None and explicit != value:
+            config["prediction_type"] = explicit
+            return f"prediction_type={explicit}: forced; {source} records {value} ({where})"
+        config["prediction_type"] = value
+        return f"prediction_type={value}: recorded in {where}"
+    if explicit is not None:
+        config["prediction_type"] = explicit
+        return f"prediction_type={explicit}: as given ({source} does not record it)"
+    probe = probe_prediction_type(config, sd)
+    if probe is not None:
+        value, score = probe
+        config["prediction_type"] = value
+        config.setdefault("image_size", 768 if value == "v_prediction" else 512)
+        return (
+            f"prediction_type={value}: {source} does not record it, so it was read off the UNet (SD 2.x "
+            f"structure; mean(output - input) = {score:.3f} at the last timestep, v_prediction below -1, as "
+            f"AUTOMATIC1111 decides). If that is wrong, pass prediction_type={other[value]}"
+        )
+    value = default or "epsilon"
+    config["prediction_type"] = value
+    origin = "the model config's value" if default else "the default for SD 1.x files"
+    return (
+        f"prediction_type={value}: {source} does not record it, {origin}. If the model predicts "
+        f"{other[value]}, pass prediction_type={other[value]}"
+    )
+
+
+def probe_prediction_type(config: dict[str, Any], sd: dict[str, Tensor]) -> tuple[str, float] | None:
+    """("v_prediction" | "epsilon", score) for an SD 2.x-structured text-to-image UNet; None for others.
+
+    AUTOMATIC1111's test (`is_using_v_parameterization_for_sd2`): at the last timestep, an ε model given a
+    flat 0.5 latent predicts about that latent back, a v model predicts far below it; one evaluation on
+    an 8×8 latent, with a flat 0.5 context, separates them: v when mean(output − input) < −1."""
+    from ldm.models.unet import UNetModel
+
+    unet_cfg = dict(config["unet"])
+    latent = config["first_stage"]["embed_dim"]
+    if (
+        config.get("cond_stage", {}).get("kind") != "openclip"
+        or unet_cfg.get("in_channels") != latent
+        or unet_cfg.get("adm_in_channels")
+        or config.get("concat") not in (None,)
+    ):
+        return None
+    unet_sd = _strip(sd, UNET_PREFIX)
+    unet_cfg["use_checkpoint"] = False
+    with parameters_on_meta():
+        unet = UNetModel(**unet_cfg)
+    unet.load_state_dict(unet_sd, strict=True, assign=True)
+    unet = unet.float().eval()
+    side = max(8, 2 ** (len(unet_cfg["channel_mult"]) - 1))
+    steps = int((config.get("schedule") or {}).get("num_train_timesteps", DEFAULT_SCHEDULE["num_train_timesteps"]))
+    x = torch.full((1, latent, side, side), 0.5)
+    context = torch.full((1, 2, int(unet_cfg["context_dim"])), 0.5)
+    with torch.no_grad():
+        score = (unet(x, torch.tensor([steps - 1]), context=context) - x).mean().item()
+    return ("v_prediction" if score < -1 else "epsilon"), score
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,7 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prediction-type",
         choices=["epsilon", "v_prediction"],
         default=None,
-        help="what the UNet predicts; single files do not record it (SD 2.x-768 files are v_prediction)",
+        help="what the UNet predicts, for files that do not record it (LDM single files; SD 2.x files are "
+        "otherwise read off the UNet, as AUTOMATIC1111 does)",
+    )
+    parser.add_argument(
+        "--force-prediction-type",
+        action="store_true",
+        help="use --prediction-type even where SRC records another (a wrong scheduler config)",
     )
     parser.add_argument("--allow-unsafe-pickle", action="store_true", help="unpickle a .ckpt you trust fully")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST file")
@@ -43,7 +49,9 @@ def convert(args: argparse.Namespace) -> str:
     dst = Path(args.dst)
     if dst.exists() and not (args.overwrite and dst.is_file()):
         raise CheckpointError(f"{dst} exists; choose another destination (or --overwrite for a file)")
-    ckpt = read_checkpoint(args.src, args.prediction_type, args.allow_unsafe_pickle)
+    ckpt = read_checkpoint(
+        args.src, args.prediction_type, args.allow_unsafe_pickle, force_prediction_type=args.force_prediction_type
+    )
     if args.ema:
         ckpt = ckpt.with_ema_weights()
     save_checkpoint(ckpt, dst, DTYPES.get(args.dtype) if args.dtype else None)
@@ -53,7 +61,8 @@ def convert(args: argparse.Namespace) -> str:
         f"in_channels {unet['in_channels']} ({ckpt.config['concat'] or 'text-to-image'}), "
         f"prediction_type {ckpt.config['prediction_type']}"
     )
-    return summary + ("; EMA weights kept (model_ema / unet_ema)" if ckpt.has_ema() else "")
+    summary += "; EMA weights kept (model_ema / unet_ema)" if ckpt.has_ema() else ""
+    return summary + (f"\n{ckpt.prediction_type_note}" if ckpt.prediction_type_note else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,11 +205,19 @@ def test_prediction_type_override_and_scheduler_config(tmp_path):
     ckpt = tiny_checkpoint()
     save_checkpoint(ckpt, tmp_path / "m.safetensors")
     assert read_checkpoint(tmp_path / "m.safetensors").config["prediction_type"] == "epsilon"
-    v = read_checkpoint(tmp_path / "m.safetensors", prediction_type="v_prediction")
+    # Our file records epsilon: a contradicting choice is refused, naming the way to force it.
+    with pytest.raises(CheckpointError, match="records epsilon.*force_prediction_type=true"):
+        read_checkpoint(tmp_path / "m.safetensors", prediction_type="v_prediction")
+    v = read_checkpoint(tmp_path / "m.safetensors", prediction_type="v_prediction", force_prediction_type=True)
+    assert "forced" in v.prediction_type_note
     save_checkpoint(v, tmp_path / "pipe")
     sched = json.loads((tmp_path / "pipe" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction"
     assert read_checkpoint(tmp_path / "pipe").config["prediction_type"] == "v_prediction"
+    # A bare LDM file records nothing: the explicit choice, else the default, applies.
+    strip_metadata(tmp_path / "m.safetensors")
+    assert read_checkpoint(tmp_path / "m.safetensors", prediction_type="v_prediction").config["prediction_type"] == "v_prediction"
+    assert read_checkpoint(tmp_path / "m.safetensors").config["prediction_type"] == "epsilon"
     with pytest.raises(ValueError, match="prediction_type"):
         read_checkpoint(tmp_path / "m.safetensors", prediction_type="x0")
 

@@ -562,8 +562,10 @@ def test_ckpt_path_last_finds_single_runs_and_multirun_jobs(tmp_path: Path) -> N
     assert resolve_ckpt_path("last", new_single) == resolve_ckpt_path("last", new_job) == str(job)
     os.utime(single)  # now the newest
     assert resolve_ckpt_path("last", new_job) == str(single)
-    with pytest.raises(ConfigError, match="ckpt_path=last: no checkpoints"):
-        resolve_ckpt_path("last", tmp_path / "elsewhere" / "run")
+    # None yet: start fresh (job scripts pass ckpt_path=last every time); an explicit missing path is an error.
+    assert resolve_ckpt_path("last", tmp_path / "elsewhere" / "run") is None
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_ckpt_path(str(tmp_path / "elsewhere" / "last.ckpt"), tmp_path / "elsewhere" / "run")
 
 
 def test_a_requeued_slurm_job_resumes_from_its_own_last_checkpoint(
@@ -581,6 +583,13 @@ def test_a_requeued_slurm_job_resumes_from_its_own_last_checkpoint(
         assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")] == [2]
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a first attempt never resumes on its own
     assert requeued_resume_path(run_dir(tmp_path)) is None
+    # last.ckpt links to a step file; one deleted by hand is an error, not a silent restart from step 0
+    checkpoints = tmp_path / "dangling" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").symlink_to("step-0000004.ckpt")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    with pytest.raises(ConfigError, match="step-0000004.ckpt, which no longer exists"):
+        requeued_resume_path(tmp_path / "dangling")
 
 
 def test_unknown_override_is_refused(tmp_path: Path) -> None:

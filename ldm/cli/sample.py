@@ -241,7 +241,10 @@ def run(cfg: DictConfig) -> list[Path]:
         image_guidance_scale=cfg.image_guidance_scale,
     )
     device = resolve_device(cfg.device)
-    model = load_model(cfg.ckpt, cfg.prediction_type, cfg.ema, cfg.allow_unsafe_pickle)
+    model = load_model(
+        cfg.ckpt, cfg.prediction_type, cfg.ema, cfg.allow_unsafe_pickle,
+        force_prediction_type=bool(cfg.get("force_prediction_type", False)),
+    )
     apply_loras(cfg, model)
     model.to(device=device, dtype=DTYPES[cfg.dtype])
     height, width = output_size(cfg, model)

@@ -22,7 +22,7 @@ import hydra
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.checkpoint import CheckpointError
@@ -88,7 +88,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             runs_root = runs_root.parent
         newest = newest_last_checkpoint(runs_root)
         if newest is None:
-            raise ConfigError(f"ckpt_path=last: no checkpoints/last.ckpt under {runs_root}/*; start without ckpt_path")
+            # As Lightning's own ckpt_path="last": job scripts on preemptible machines pass it every time.
+            log.warning("ckpt_path=last: no checkpoints/last.ckpt under %s/* yet; starting fresh", runs_root)
+            return None
         return str(newest)
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
@@ -100,6 +102,12 @@ def requeued_resume_path(output_dir: Path) -> str | None:
     picks up from the last.ckpt it wrote there instead of starting over."""
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     last = output_dir / "checkpoints" / "last.ckpt"
+    if restarts >= 1 and last.is_symlink() and not last.exists():
+        # last.ckpt links to the newest step file (save_last: link); starting over would lose the run
+        raise ConfigError(
+            f"SLURM restart {restarts}: {last} links to {os.readlink(last)}, which no longer exists; "
+            "restore it, or pass ckpt_path= an existing checkpoint of this run"
+        )
     if restarts < 1 or not last.is_file():
         return None
     log.warning("SLURM restart %d of this job: resuming from %s", restarts, last)
@@ -242,8 +250,23 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def explicit_prediction_type(cfg: DictConfig, overrides: list[str]) -> None:
+    """`model.prediction_type=X` typed on the command line is the user's choice, as `prediction_type=X` is
+    (a model group's value is only a default, which a checkpoint's own record overrides)."""
+    if cfg.get("prediction_type") is not None:
+        return
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "model.prediction_type" and value:
+            with open_dict(cfg):
+                cfg.prediction_type = value
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    explicit_prediction_type(cfg, list(HydraConfig.get().overrides.task))
     try:
         train(cfg)
     except NonFiniteLossError as err:

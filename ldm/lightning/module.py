@@ -41,7 +41,7 @@ from ldm.lightning.ema import EMA
 from ldm.lightning.resume import start_next_epoch_fresh
 from ldm.lora import UNetLoRA
 from ldm.models.autoencoder import DiagonalGaussianDistribution
-from ldm.models.stable_diffusion import StableDiffusion, normalize_config, with_concat
+from ldm.models.stable_diffusion import StableDiffusion, normalize_config, with_concat, with_runtime_options
 from ldm.sampling import apply_with_concat, semantic_condition
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,25 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         mask_full_rate: float = 0.25,
         image_dropout: float = 0.1,
         lora: dict[str, Any] | None = None,
+        prediction_type: str | None = None,
+        force_prediction_type: bool = False,
     ):
         model = dict(model)
         model.pop("_target_", None)
-        init = read_checkpoint(init_from, model.get("prediction_type")) if init_from else None
-        config = normalize_config(init.config if init else model)
+        init = None
+        if init_from:
+            # What the checkpoint records wins over the model config's prediction_type, which applies only
+            # where it records nothing; `prediction_type` is the user's explicit choice (see read_checkpoint).
+            init = read_checkpoint(
+                init_from,
+                prediction_type,
+                force_prediction_type=force_prediction_type,
+                default_prediction_type=model.get("prediction_type"),
+            )
+            log.info("init_from %s", init.prediction_type_note)
+            config = normalize_config(with_runtime_options(init.config, model))
+        else:
+            config = normalize_config({**model, **({"prediction_type": prediction_type} if prediction_type else {})})
         if init is not None and model.get("concat") and model["concat"] != config["concat"]:
             # e.g. init_from=sd15.safetensors conditioning=image_concat: SD's weights, a wider conv_in
             config = with_concat(config, model["concat"], model.get("semantic_classes"))
@@ -100,6 +114,8 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self._nonfinite_streak = 0
+        self._skip_optimizer_step = False  # a non-finite loss in this accumulation window
+        self._skip_scheduler_step = False
         self.skipped_samples = 0  # data samples the loader dropped so far, all ranks together
         self._scale_measured = False
         self.stop_reason: str | None = None
@@ -347,22 +363,47 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             self._nonfinite_streak = 0
             return loss
         self._nonfinite_streak += 1
-        log.warning("non-finite loss at step %d (%d in a row)", self.global_step, self._nonfinite_streak)
+        self._skip_optimizer_step = True
+        log.warning(
+            "non-finite loss at step %d (%d in a row): skipping its optimizer, LR scheduler and EMA step",
+            self.global_step,
+            self._nonfinite_streak,
+        )
         if self._nonfinite_streak >= self.max_nonfinite_steps:
             self.stop_reason = (
                 f"{self._nonfinite_streak} consecutive non-finite losses at step {self.global_step}: "
                 "lower the learning rate, use bf16 instead of fp16, or check the data"
             )
             self.trainer.should_stop = True
-        # A zero loss with a graph: the weights get no NaN gradient, the optimizer step stays valid.
+        # A zero loss with a graph: backward runs on every rank alike (DDP's all-reduce, FSDP's
+        # reduce-scatter), and the optimizer step of this window is skipped (see optimizer_step).
         return sum(p.sum() for p in self.trainable_parameters()) * 0.0
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if optimizer_closure is None:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            return
+        # The closure runs this batch's training_step and backward. A window with a non-finite loss on any
+        # rank (agreed in training_step) takes no optimizer step at all: AdamW's momentum and weight decay
+        # would move the weights even on zero gradients. Nor does the LR scheduler or the EMA move.
+        loss = optimizer_closure()
+        if self._skip_optimizer_step:
+            self._skip_optimizer_step = False
+            self._skip_scheduler_step = True
+            optimizer.zero_grad(set_to_none=True)
+            return
+        self._skip_scheduler_step = False
+        super().optimizer_step(epoch, batch_idx, optimizer, lambda: loss)
         # Here, not in on_train_batch_end: callbacks' on_train_batch_end (ModelCheckpoint) run before the
         # module's, so a checkpoint written at step N would miss step N's EMA update and resume would differ.
-        super().optimizer_step(*args, **kwargs)
         if self.model_ema is not None:
             self.model_ema.update(self.model)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if self._skip_scheduler_step:  # the optimizer step it follows was skipped
+            self._skip_scheduler_step = False
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:

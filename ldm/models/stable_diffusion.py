@@ -112,6 +112,19 @@ def _concat_kind(cfg: dict[str, Any]) -> str | None:
     return kind
 
 
+# UNet options that change no weights: a fine-tune's model config sets them on top of the architecture
+# read from its checkpoint (gradient checkpointing saves activation memory; dropout is a training choice).
+RUNTIME_UNET_OPTIONS = ("use_checkpoint", "dropout")
+
+
+def with_runtime_options(cfg: dict[str, Any], model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` (a checkpoint's architecture) with the runtime options that `model_cfg` sets."""
+    cfg = copy.deepcopy(cfg)
+    given = model_cfg.get("unet") or {}
+    cfg["unet"].update({k: given[k] for k in RUNTIME_UNET_OPTIONS if given.get(k) is not None})
+    return cfg
+
+
 def with_concat(cfg: dict[str, Any], kind: str | None, semantic_classes: int | None = None) -> dict[str, Any]:
     """`cfg` retargeted to another concat kind: the UNet's in_channels follow (all else stays)."""
     cfg = copy.deepcopy(cfg)
