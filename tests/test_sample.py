@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -152,8 +153,10 @@ def test_pngs_carry_settings_and_runs_do_not_overwrite(tmp_path):
     second = run(cfg)
     names = sorted(p.name for p in first + second)
     assert names == ["00000.png", "00001.png", "00002.png", "00003.png", "grid-00000.png", "grid-00002.png"]
-    info = Image.open(tmp_path / "o" / "00001.png").text
-    assert info["prompt"] == "a cat" and info["sampler"] == "euler_a" and info["seed"] == "0"
+    text = Image.open(tmp_path / "o" / "00001.png").text
+    settings = json.loads(text["ldm"])
+    assert settings["prompt"] == "a cat" and settings["sampler"]["name"] == "euler_a" and settings["seed"] == 0
+    assert text["parameters"].startswith("a cat\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 0, Size: 32x32")
     a = np.asarray(Image.open(tmp_path / "o" / "00000.png"))
     b = np.asarray(Image.open(tmp_path / "o" / "00002.png"))
     assert np.array_equal(a, b), "same seed, same prompt, same image"
@@ -166,7 +169,7 @@ def test_prompt_file_and_unquoted_negative_prompt_error(tmp_path):
     cfg = sample_config([f"ckpt={folder}", f"prompt_file={prompts}", "steps=1", "height=32", "width=32",
                          f"out_dir={tmp_path / 'o'}", "guidance_scale=1"])
     assert [p.name for p in run(cfg)] == ["00000.png", "00001.png"]
-    assert Image.open(tmp_path / "o" / "00001.png").text["prompt"] == "a dog"
+    assert json.loads(Image.open(tmp_path / "o" / "00001.png").text["ldm"])["prompt"] == "a dog"
 
     proc = subprocess.run(
         [sys.executable, str(ROOT / "sample.py"), f"ckpt={folder}", "prompt=x", "negative_prompt=blurry, low quality"],
@@ -232,7 +235,7 @@ def test_inpainting_matches_diffusers_inpaint_pipeline(tmp_path, sampler, schedu
             *(["batch_size=1"] if sampler == "ddim" else []),
         ]
         paths = [p for p in run(sample_config(overrides)) if not p.name.startswith("grid")]
-        assert Image.open(paths[0]).text["mask"] == str(mask_path)
+        assert json.loads(Image.open(paths[0]).text["ldm"])["mask"] == str(mask_path)
         return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
     mine = ours(mask, "a")

@@ -3,6 +3,7 @@ diffusers' StableDiffusionInstructPix2PixPipeline; semantic-map models take `seg
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -112,8 +113,8 @@ def test_edit_from_a_bare_single_file_and_its_inputs_matter(tmp_path):
     base = our_edit(single, picture, tmp_path / "o1", "ddim", 6, 7.5, 1.5, 0, 1)
     assert not np.array_equal(base, our_edit(single, other, tmp_path / "o2", "ddim", 6, 7.5, 1.5, 0, 1))
     assert not np.array_equal(base, our_edit(single, picture, tmp_path / "o3", "ddim", 6, 7.5, 3.0, 0, 1))
-    info = Image.open(tmp_path / "o3" / "00000.png").text
-    assert info["image"] == str(picture) and info["image_guidance_scale"] == "3.0"
+    text = Image.open(tmp_path / "o3" / "00000.png").text
+    assert json.loads(text["ldm"])["image"] == str(picture) and "Image CFG scale: 3.0, Seed: 0" in text["parameters"]
 
 
 def semantic_model(tmp_path: Path, classes: int, seed: int = 0) -> Path:

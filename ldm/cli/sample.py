@@ -8,26 +8,33 @@
     python sample.py ckpt=sd15-inpainting.safetensors prompt="a red sofa" image=room.png mask=mask.png
     python sample.py ckpt=instruct-pix2pix.safetensors prompt="make it snowy" image=street.png image_guidance_scale=1.5
     python sample.py ckpt=outputs/layout/.../last.ckpt prompt="..." seg=layout.png
+    python sample.py from_png=outputs/samples/00000.png            # the same image again, bit for bit
+    python sample.py from_png=outputs/samples/00000.png seed=7     # its settings, another seed
 
-Writes numbered PNGs (prompt and settings in their text metadata) and a grid per prompt to `out_dir`.
+Writes numbered PNGs and a grid per prompt to `out_dir`. Each PNG carries AUTOMATIC1111's `parameters`
+text (read by A1111's PNG Info, ComfyUI, Civitai, ...) and the exact settings as JSON in an `ldm` text
+chunk, which `from_png=` replays (see ldm/pnginfo.py).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from ldm import pnginfo
 from ldm.checkpoint import CheckpointError, load_model
 from ldm.lora import merge_lora_file
 from ldm.sampling import (
@@ -91,15 +98,20 @@ def read_picture(path: str, what: str) -> Image.Image:
         raise UsageError(f"{what}={path} is not an image PIL can read ({err})") from None
 
 
-def apply_loras(cfg: DictConfig, model: Any) -> None:
-    """Merge the `lora` file(s) into the UNet's weights, each at its `lora_scale`."""
+def lora_files(cfg: DictConfig) -> tuple[list[str], list[float]]:
+    """The `lora` file(s) and one `lora_scale` for each."""
     if not cfg.get("lora"):
-        return
-    paths = list(cfg.lora) if isinstance(cfg.lora, (list, ListConfig)) else [cfg.lora]
+        return [], []
+    paths = [str(p) for p in cfg.lora] if isinstance(cfg.lora, (list, ListConfig)) else [str(cfg.lora)]
     scales = list(cfg.lora_scale) if isinstance(cfg.lora_scale, (list, ListConfig)) else [cfg.lora_scale] * len(paths)
     if len(scales) != len(paths):
         raise UsageError(f"{len(paths)} LoRA files but {len(scales)} lora_scale values: give one, or one per file")
-    for path, scale in zip(paths, scales, strict=True):
+    return paths, [float(s) for s in scales]
+
+
+def apply_loras(cfg: DictConfig, model: Any) -> None:
+    """Merge the `lora` file(s) into the UNet's weights, each at its `lora_scale`."""
+    for path, scale in zip(*lora_files(cfg), strict=True):
         try:
             merge_lora_file(model, path, float(scale))
         except FileNotFoundError as err:
@@ -198,11 +210,111 @@ def concat_input(
 
 
 def png_metadata(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """AUTOMATIC1111's `parameters` infotext, and our exact settings as JSON in the `ldm` chunk."""
     info = PngImagePlugin.PngInfo()
-    for key, value in settings.items():
-        info.add_text(key, str(value))
-    info.add_text("parameters", json.dumps(settings))
+    info.add_text(pnginfo.PARAMETERS, pnginfo.a1111_text(settings))
+    info.add_text(pnginfo.CHUNK, json.dumps(settings))
     return info
+
+
+@dataclass
+class FromPng:
+    """What `from_png=` takes from an image besides config values."""
+
+    path: str
+    source: str  # "ldm" (our chunk) or "a1111" (parameters text only)
+    prompt: str | None  # None: the command line's prompt or prompt_file
+    negative: str | None  # None: the command line's negative_prompt
+    image_index: int | None  # the image of the batch to write; None: all of them (and the grid)
+    model_hash: str | None
+    device: str | None
+
+
+# What `from_png=` takes from an image's settings, wherever the config still holds sample.yaml's default.
+PNG_KEYS = (
+    "steps", "guidance_scale", "image_guidance_scale", "seed", "num_images", "batch_size", "height", "width",
+    "timestep_spacing", "steps_offset", "dtype", "image", "mask", "seg", "strength",
+)
+CKPT_KEYS = ("prediction_type", "force_prediction_type", "ema")  # only along with the image's checkpoint
+
+
+def sample_defaults() -> tuple[DictConfig, DictConfig]:
+    """sample.yaml's own values and its default sampler's."""
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    base = OmegaConf.load(conf / "sample.yaml")
+    name = next(d.sampler for d in base.defaults if isinstance(d, DictConfig) and "sampler" in d)
+    return base, OmegaConf.load(conf / "sampler" / f"{name}.yaml")
+
+
+def apply_png_settings(cfg: DictConfig) -> tuple[DictConfig, FromPng | None]:
+    """`from_png=IMAGE`: the settings saved in IMAGE (our `ldm` chunk; else A1111's `parameters` text)
+    apply wherever `cfg` still holds sample.yaml's default, so what the command line sets wins (a value
+    equal to the default counts as not set). Not taken from the image: out_dir, grid, device (where the
+    run happens) and allow_unsafe_pickle (a file's say is no consent)."""
+    path = cfg.get("from_png")
+    if path is None:
+        return cfg, None
+    picture = read_picture(str(path), "from_png")
+    try:
+        saved, source = pnginfo.read_png_settings(path, getattr(picture, "text", {}))
+    except ValueError as err:
+        raise UsageError(f"from_png={err}") from None
+    base, base_sampler = sample_defaults()
+
+    def unset(key: str) -> bool:
+        return cfg.get(key) == base.get(key)
+
+    values: dict[str, Any] = {}
+    if cfg.get("ckpt") is None:
+        if saved.get("ckpt") is None:
+            raise UsageError(
+                f"from_png={path} holds AUTOMATIC1111 settings: they name the model "
+                f"({saved.get('model_name')!r}, hash {saved.get('model_hash')}) but not its file: give ckpt=PATH"
+            )
+        if not Path(saved["ckpt"]).exists():
+            raise UsageError(f"from_png={path} was made from ckpt={saved['ckpt']}, which does not exist: give ckpt=PATH")
+        values["ckpt"] = saved["ckpt"]
+        values.update({k: saved[k] for k in CKPT_KEYS if k in saved and unset(k)})
+    values.update({k: saved[k] for k in PNG_KEYS if k in saved and unset(k)})
+    if saved.get("lora") and unset("lora"):
+        values["lora"] = saved["lora"]
+        if unset("lora_scale") and saved.get("lora_scale") is not None:
+            values["lora_scale"] = saved["lora_scale"]
+    if values.get("strength") is not None and values.get("image", cfg.get("image")) is None:
+        del values["strength"]  # A1111's img2img strength, without the picture it started from
+    if cfg.sampler.name == base_sampler.name:  # the command line chose no other sampler
+        if saved.get("sampler") is None and saved.get("a1111_sampler"):
+            raise UsageError(
+                f"from_png={path}: AUTOMATIC1111's sampler {saved['a1111_sampler']!r} has no counterpart here: "
+                f"give sampler=NAME ({', '.join(pnginfo.SAMPLER_NAMES)})"
+            )
+        if saved.get("sampler"):
+            sampler = dict(saved["sampler"])
+            sampler.update({k: v for k, v in cfg.sampler.items() if v != base_sampler.get(k)})
+            values["sampler"] = sampler
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for key, value in values.items():
+            cfg[key] = value
+    index = saved.get("image_index") if source == "ldm" else None
+    if index is not None and index >= cfg.num_images:
+        raise UsageError(f"from_png={path} is image {index} (from 0) of a batch: num_images={cfg.num_images} ends before it")
+    if source == "a1111":
+        log.warning(
+            "from_png=%s: AUTOMATIC1111 settings; A1111 draws its noise otherwise, so the image is not A1111's%s",
+            path, f"; not applied: {', '.join(saved['ignored'])}" if saved.get("ignored") else "",
+        )
+    use_prompt = cfg.get("prompt") is None and cfg.get("prompt_file") is None
+    png = FromPng(
+        path=str(path),
+        source=source,
+        prompt=saved.get("prompt", "") if use_prompt else None,
+        negative=saved.get("negative_prompt", "") if unset("negative_prompt") else None,
+        image_index=index,
+        model_hash=saved.get("model_hash"),
+        device=saved.get("device"),
+    )
+    return cfg, png
 
 
 def save_png(image: Image.Image, path: Path, info: PngImagePlugin.PngInfo | None = None) -> None:
@@ -223,8 +335,11 @@ def next_index(out_dir: Path) -> int:
 
 
 def run(cfg: DictConfig) -> list[Path]:
-    prompts = read_prompts(cfg)
-    negative = _as_text(cfg.negative_prompt)
+    cfg, png = apply_png_settings(cfg)
+    if cfg.get("ckpt") is None:
+        raise UsageError("give ckpt=PATH (a .safetensors/.ckpt file or a diffusers folder), or from_png=IMAGE.png")
+    prompts = [png.prompt] if png is not None and png.prompt is not None else read_prompts(cfg)
+    negative = png.negative if png is not None and png.negative is not None else _as_text(cfg.negative_prompt)
     if cfg.dtype not in DTYPES:
         raise UsageError(f"dtype={cfg.dtype} is not one of {sorted(DTYPES)}")
     if cfg.num_images < 1:
@@ -241,17 +356,64 @@ def run(cfg: DictConfig) -> list[Path]:
         image_guidance_scale=cfg.image_guidance_scale,
     )
     device = resolve_device(cfg.device)
+    dtype = cfg.dtype
+    if device.type == "cpu" and dtype != "fp32":
+        # Half precision is for GPUs: on the CPU torch's norm layers refuse the mix of half weights and fp32
+        # latents ("mixed dtype (CPU)"), and it would be slower than fp32 anyway.
+        log.warning("dtype=%s does not run on the CPU: sampling in fp32 instead (device=%s)", dtype, device)
+        dtype = "fp32"
+    if png is not None and png.device is not None and png.device != str(device):
+        log.warning("from_png=%s was made on %s, this run is on %s: pixels may differ", png.path, png.device, device)
     model = load_model(
         cfg.ckpt, cfg.prediction_type, cfg.ema, cfg.allow_unsafe_pickle,
         force_prediction_type=bool(cfg.get("force_prediction_type", False)),
     )
     apply_loras(cfg, model)
-    model.to(device=device, dtype=DTYPES[cfg.dtype])
+    model.to(device=device, dtype=DTYPES[dtype])
     height, width = output_size(cfg, model)
     settings.strength = strength_of(cfg, model)
+    # Once per run: a 4 GB file takes seconds (A1111's "Model hash"; None for a diffusers folder).
+    ckpt_hash = pnginfo.model_hash(cfg.ckpt)
+    if png is not None and png.model_hash and ckpt_hash and png.model_hash != ckpt_hash:
+        log.warning(
+            "from_png=%s was made from a checkpoint with hash %s, %s has hash %s: the image will differ",
+            png.path, png.model_hash, cfg.ckpt, ckpt_hash,
+        )
+    lora_paths, lora_scales = lora_files(cfg)
+    strength_applies = (model.concat is None and cfg.image is not None) or model.concat == "inpainting"
+    meta_base = {
+        "version": pnginfo.FORMAT_VERSION,
+        "ckpt": os.path.abspath(cfg.ckpt),
+        "model_hash": ckpt_hash,
+        "concat": model.concat,
+        "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+        "steps": settings.steps,
+        "guidance_scale": settings.guidance_scale,
+        "image_guidance_scale": settings.image_guidance_scale,
+        "seed": cfg.seed,
+        "height": height,
+        "width": width,
+        "num_images": cfg.num_images,
+        "batch_size": batch_size,
+        "ema": cfg.ema,
+        "prediction_type": cfg.prediction_type,
+        "force_prediction_type": bool(cfg.get("force_prediction_type", False)),
+        "timestep_spacing": cfg.timestep_spacing,
+        "steps_offset": cfg.steps_offset,
+        "dtype": cfg.dtype,
+        "lora": [os.path.abspath(p) for p in lora_paths] or None,
+        "lora_scale": lora_scales or None,
+        "lora_hashes": [pnginfo.lora_hash(p) for p in lora_paths] or None,
+        **{k: None if cfg.get(k) is None else os.path.abspath(str(cfg.get(k))) for k in ("image", "mask", "seg")},
+        "strength": settings.strength if strength_applies else None,
+        "device": str(device),
+    }
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = next_index(out_dir)
+    # from_png= of one image of a batch: the batches up to its own (ancestral samplers draw step noise
+    # per forward pass, and a batch's size can change the arithmetic), then only that image is written.
+    keep = png.image_index if png is not None else None
     written: list[Path] = []
     for prompt in prompts:
         # One generator per prompt: the same prompt and seed give the same images wherever they stand.
@@ -262,7 +424,7 @@ def run(cfg: DictConfig) -> list[Path]:
         )
         concat = concat_input(cfg, model, height, width, generator)
         images = []
-        for start in range(0, cfg.num_images, batch_size):
+        for start in range(0, cfg.num_images if keep is None else keep + 1, batch_size):
             chunk = noise[start : start + batch_size]
             bar = tqdm(total=settings.steps, desc=f"{prompt[:40]!r} {start + 1}/{cfg.num_images}", leave=False)
             batch = generate(
@@ -280,27 +442,15 @@ def run(cfg: DictConfig) -> list[Path]:
             )
             bar.close()
             images.extend(Image.fromarray(a) for a in to_uint8(batch))
-        meta = {
-            "prompt": prompt,
-            "negative_prompt": negative,
-            "sampler": settings.sampler,
-            "steps": settings.steps,
-            "guidance_scale": settings.guidance_scale,
-            "seed": cfg.seed,
-            "height": height,
-            "width": width,
-            "checkpoint": str(cfg.ckpt),
-            **{k: str(cfg.get(k)) for k in ("image", "mask", "seg") if cfg.get(k) is not None},
-            **({"image_guidance_scale": settings.image_guidance_scale} if model.concat == "image" else {}),
-            **({"strength": settings.strength} if init_latents is not None else {}),
-            **({"lora": str(cfg.lora), "lora_scale": str(cfg.lora_scale)} if cfg.get("lora") else {}),
-        }
+        meta = {"prompt": prompt, "negative_prompt": negative, **meta_base}
         for i, image in enumerate(images):
+            if keep is not None and i != keep:
+                continue
             path = out_dir / f"{index:05d}.png"
             save_png(image, path, png_metadata({**meta, "image_index": i}))
             written.append(path)
             index += 1
-        if cfg.grid and len(images) > 1:
+        if cfg.grid and keep is None and len(images) > 1:
             grid_path = out_dir / f"grid-{index - len(images):05d}.png"
             save_png(Image.fromarray(image_grid([np.asarray(im) for im in images])), grid_path, png_metadata(meta))
             written.append(grid_path)
