@@ -25,33 +25,26 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
-from PIL import Image, PngImagePlugin
-from tqdm.auto import tqdm
 
 from ldm import pnginfo
-from ldm.checkpoint import CheckpointError, load_model
-from ldm.lora import merge_lora_file
-from ldm.sampling import (
-    SamplerSettings,
-    generate,
-    image_condition,
-    image_grid,
-    image_to_tensor,
-    initial_noise,
-    inpainting_condition,
-    mask_to_tensor,
-    semantic_condition,
-    to_uint8,
-)
+
+if TYPE_CHECKING:  # imported where used: --help, --cfg job and config errors answer without them
+    import torch
+    from PIL import Image, PngImagePlugin
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The `dtype` names and the torch dtypes they mean (names, so importing this module needs no torch).
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, DTYPES[name])
 
 
 class UsageError(ValueError):
@@ -59,6 +52,8 @@ class UsageError(ValueError):
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -90,6 +85,8 @@ def _as_text(value: Any) -> str:
 
 
 def read_picture(path: str, what: str) -> Image.Image:
+    from PIL import Image
+
     try:
         return Image.open(path)
     except FileNotFoundError:
@@ -111,6 +108,8 @@ def lora_files(cfg: DictConfig) -> tuple[list[str], list[float]]:
 
 def apply_loras(cfg: DictConfig, model: Any) -> None:
     """Merge the `lora` file(s) into the UNet's weights, each at its `lora_scale`."""
+    from ldm.lora import merge_lora_file
+
     for path, scale in zip(*lora_files(cfg), strict=True):
         try:
             merge_lora_file(model, path, float(scale))
@@ -131,6 +130,10 @@ def output_size(cfg: DictConfig, model: Any) -> tuple[int, int]:
 
 def read_segmentation(path: str, height: int, width: int) -> torch.Tensor:
     """A class-index PNG (mode L or P: the pixel values are the labels) as a (1, H, W) int64 tensor."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     seg = read_picture(path, "seg")
     if seg.mode not in ("L", "P", "I", "I;16"):
         raise UsageError(
@@ -177,6 +180,10 @@ def img2img_latents(
     """The picture's scaled latents where the run starts from it: a text-to-image model given image=
     (image-to-image), or inpainting below strength 1. A posterior sample, drawn before the noise, as
     diffusers' img2img and inpainting pipelines draw it; None otherwise."""
+    import torch
+
+    from ldm.sampling import image_to_tensor
+
     img2img = model.concat is None and cfg.image is not None and cfg.mask is None and cfg.get("seg") is None
     if not (img2img or (model.concat == "inpainting" and cfg.image is not None and strength < 1)):
         return None
@@ -190,6 +197,14 @@ def concat_input(
     cfg: DictConfig, model: Any, height: int, width: int, generator: torch.Generator
 ) -> torch.Tensor | None:
     """What the model's UNet sees besides z_t, from image=, mask= and seg=; None for text-to-image."""
+    from ldm.sampling import (
+        image_condition,
+        image_to_tensor,
+        inpainting_condition,
+        mask_to_tensor,
+        semantic_condition,
+    )
+
     given = {k: cfg.get(k) for k in ("image", "mask", "seg") if cfg.get(k) is not None}
     wanted = {None: set(), "inpainting": {"image", "mask"}, "image": {"image"}, "semantic_map": {"seg"}}[model.concat]
     if model.concat is None and set(given) == {"image"}:
@@ -211,6 +226,8 @@ def concat_input(
 
 def png_metadata(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
     """AUTOMATIC1111's `parameters` infotext, and our exact settings as JSON in the `ldm` chunk."""
+    from PIL import PngImagePlugin
+
     info = PngImagePlugin.PngInfo()
     info.add_text(pnginfo.PARAMETERS, pnginfo.a1111_text(settings))
     info.add_text(pnginfo.CHUNK, json.dumps(settings))
@@ -335,6 +352,14 @@ def next_index(out_dir: Path) -> int:
 
 
 def run(cfg: DictConfig) -> list[Path]:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from ldm.checkpoint import load_model
+    from ldm.sampling import SamplerSettings, generate, image_grid, initial_noise, to_uint8
+
     cfg, png = apply_png_settings(cfg)
     if cfg.get("ckpt") is None:
         raise UsageError("give ckpt=PATH (a .safetensors/.ckpt file or a diffusers folder), or from_png=IMAGE.png")
@@ -369,7 +394,7 @@ def run(cfg: DictConfig) -> list[Path]:
         force_prediction_type=bool(cfg.get("force_prediction_type", False)),
     )
     apply_loras(cfg, model)
-    model.to(device=device, dtype=DTYPES[dtype])
+    model.to(device=device, dtype=torch_dtype(dtype))
     height, width = output_size(cfg, model)
     settings.strength = strength_of(cfg, model)
     # Once per run: a 4 GB file takes seconds (A1111's "Model hash"; None for a diffusers folder).
@@ -459,6 +484,8 @@ def run(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
+    from ldm.checkpoint import CheckpointError  # the job runs: the model code is imported now
+
     try:
         written = run(cfg)
     except (CheckpointError, UsageError, ValueError) as err:

@@ -16,18 +16,16 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.checkpoint import CheckpointError
-from ldm.lightning.module import NonFiniteLossError
-from ldm.models.stable_diffusion import downsampling_factor
+if TYPE_CHECKING:  # imported where used: --help, --cfg job and config errors answer without them
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +33,27 @@ log = logging.getLogger(__name__)
 # on purpose, and FLOPs per batch are not computed for the throughput monitor (samples/s still are).
 for message in (r".*module\(s\) in eval mode.*", r".*`flops_per_batch`.*", r".*LeafSpec.*"):
     warnings.filterwarnings("ignore", message=message)
+
+# Lightning decides when imported how its loggers print: with no handler on the root logger yet (as at
+# this module's import, before Hydra sets up logging), `lightning.pytorch` and `lightning.fabric` print
+# plain lines themselves and do not propagate. Lightning is imported once the job runs (`import_lightning`),
+# after Hydra's logging; that decision is taken here, as when this module imported Lightning itself.
+_LIGHTNING_OWN_CONSOLE = "lightning" not in sys.modules and not logging.getLogger().hasHandlers()
+
+
+def import_lightning() -> Any:
+    """`lightning`, imported when a job runs (not for --help, --cfg job or a config error), its loggers
+    printing as if imported with this module: each message once on the console, not via Hydra's handlers."""
+    first = "lightning" not in sys.modules
+    import lightning
+
+    if first and _LIGHTNING_OWN_CONSOLE:
+        for name in ("lightning.fabric", "lightning.pytorch"):
+            logger = logging.getLogger(name)
+            if not logger.handlers:  # Lightning found Hydra's handlers on the root logger
+                logger.addHandler(logging.StreamHandler())
+                logger.propagate = False
+    return lightning
 
 
 class ConfigError(ValueError):
@@ -142,6 +161,8 @@ def check_config(cfg: DictConfig) -> None:
             f"missing mandatory value(s): {', '.join(missing)}; set them on the command line, "
             f"e.g. python train.py {missing[0]}=..."
         )
+    from ldm.models.stable_diffusion import downsampling_factor
+
     model = cfg.model
     factor = downsampling_factor(model.first_stage)
     levels = len(model.unet.channel_mult)
@@ -206,6 +227,9 @@ def check_conditioning_data(datamodule: Any, module: Any) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured module; returns the final logged metrics."""
+    L = import_lightning()
+    from ldm.lightning.module import NonFiniteLossError
+
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -245,6 +269,8 @@ def user_error(err: BaseException) -> BaseException | None:
     problem, a missing file, or an argument a constructor refused (Hydra wraps those)."""
     if isinstance(err, InstantiationException) and isinstance(err.__cause__, ValueError | FileNotFoundError):
         return err.__cause__
+    from ldm.checkpoint import CheckpointError
+
     if isinstance(err, ConfigError | CheckpointError | FileNotFoundError | OmegaConfBaseException):
         return err
     return None
@@ -265,6 +291,9 @@ def explicit_prediction_type(cfg: DictConfig, overrides: list[str]) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+
+    import_lightning()  # the job runs: Lightning and the model code are imported now
+    from ldm.lightning.module import NonFiniteLossError
 
     explicit_prediction_type(cfg, list(HydraConfig.get().overrides.task))
     try:

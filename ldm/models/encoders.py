@@ -8,21 +8,31 @@
 Both tokenize offline with CLIP's BPE: a diffusers folder's `tokenizer/` when given, else the
 vocabulary bundled with open_clip; `write_clip_tokenizer` writes the latter as a `tokenizer/`
 folder so diffusers folders can be saved without a hub.
+
+transformers and open_clip's model code are imported when a model that needs them is built; the BPE
+tokenizer comes from open_clip's `tokenizer.py` alone, loaded without `open_clip/__init__` (which would
+import torchvision's model zoo, timm and transformers just for a vocabulary).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer, basic_clean, default_bpe, whitespace_clean
-from open_clip.transformer import TextTransformer
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+if TYPE_CHECKING:
+    from open_clip.tokenizer import SimpleTokenizer
 
 # OpenAI CLIP ViT-L/14 text model, as in SD 1.x.
 CLIP_VIT_L_TEXT_CONFIG: dict = {
@@ -47,18 +57,53 @@ def clip_special_token_ids(vocab_size: int) -> dict:
     return {"bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1}
 
 
+# Where open_clip's tokenizer module lives when loaded on its own (see open_clip_tokenizer_module).
+_TOKENIZER_MODULE = "ldm.models._open_clip_tokenizer"
+
+
+@lru_cache(maxsize=1)
+def open_clip_tokenizer_module() -> ModuleType:
+    """open_clip's `tokenizer.py` (CLIP's BPE, its text cleaning, the bundled vocabulary), the same code.
+
+    `import open_clip.tokenizer` would first run `open_clip/__init__`, which imports the whole library:
+    torchvision's model zoo, timm, transformers (seconds). The file needs none of it, so it is loaded by
+    itself from open_clip's folder; where open_clip is imported already, or the file cannot stand alone
+    (another open_clip version), open_clip's own module is used.
+    """
+    if "open_clip.tokenizer" in sys.modules:
+        return sys.modules["open_clip.tokenizer"]
+    spec = importlib.util.find_spec("open_clip")  # locates the package without running its __init__
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((Path(d) / "tokenizer.py" for d in locations if (Path(d) / "tokenizer.py").is_file()), None)
+    if path is not None:
+        file_spec = importlib.util.spec_from_file_location(_TOKENIZER_MODULE, path)
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[_TOKENIZER_MODULE] = module
+        try:
+            file_spec.loader.exec_module(module)
+        except ImportError:  # e.g. a relative import: this version's tokenizer needs its package
+            pass
+        else:
+            if all(hasattr(module, n) for n in ("SimpleTokenizer", "basic_clean", "whitespace_clean", "default_bpe")):
+                return module
+        sys.modules.pop(_TOKENIZER_MODULE, None)
+    return importlib.import_module("open_clip.tokenizer")
+
+
 def clean_text(text: str) -> str:
     """CLIP's text normalisation (ftfy, HTML unescape, whitespace, lower case), as open_clip does.
 
     transformers 5's CLIPTokenizer only does NFC + lower case, so curly quotes or `&amp;` would
     otherwise get other ids than the ones SD was trained with.
     """
-    return whitespace_clean(basic_clean(text)).lower()
+    tok = open_clip_tokenizer_module()
+    return tok.whitespace_clean(tok.basic_clean(text)).lower()
 
 
 @lru_cache(maxsize=1)
 def _open_clip_bpe() -> SimpleTokenizer:
-    return SimpleTokenizer(bpe_path=default_bpe())
+    tok = open_clip_tokenizer_module()
+    return tok.SimpleTokenizer(bpe_path=tok.default_bpe())
 
 
 class ClipBPETokenizer:
@@ -97,6 +142,9 @@ def _open_clip_bpe_source() -> BPESource:
 
 
 def _transformers_bpe_source(tokenizer_dir: str) -> BPESource:
+    from transformers import CLIPTokenizer
+
+    open_clip_tokenizer_module()  # clean_text's, loaded first as before (it sets TOKENIZERS_PARALLELISM)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer in {tokenizer_dir} has no bos/eos token; is it a CLIP tokenizer?")
@@ -172,6 +220,8 @@ class CLIPTextEmbedder(nn.Module):
             raise ValueError(
                 f"max_length {max_length} > max_position_embeddings {merged['max_position_embeddings']}"
             )
+        from transformers import CLIPTextConfig, CLIPTextModel
+
         model = CLIPTextModel(CLIPTextConfig(**merged))
         # transformers 4's CLIPTextModel still has the `text_model` level itself.
         self.transformer = model if hasattr(model, "text_model") else _TextModelHolder(model)
@@ -212,6 +262,8 @@ class _OpenCLIPTextTower(nn.Module):
         projection_dim: int | None,
     ):
         super().__init__()
+        from open_clip.transformer import TextTransformer  # the whole of open_clip: SD 2.x models only
+
         text = TextTransformer(
             context_length=context_length,
             vocab_size=vocab_size,
