@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import open_dict
 from PIL import Image
+from test_train import _one_thread  # noqa: F401 (autouse fixture: tiny models on one thread)
 
 from ldm.cli.train import train
 from ldm.lightning.callbacks import CaptionFidelity, SampleImages
@@ -25,12 +26,6 @@ from ldm.lightning.module import LatentDiffusion
 PROMPTS = ["a red circle on a blue background"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

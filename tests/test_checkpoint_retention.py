@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_train import _one_thread  # noqa: F401 (autouse fixture: tiny models on one thread)
 
 from ldm.cli.train import train
 
@@ -29,13 +30,6 @@ BOUNDED = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are fastest on one thread (as in test_train.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_overrides(tmp_path: Path, *overrides: str) -> list[str]:

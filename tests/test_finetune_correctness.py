@@ -16,11 +16,12 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import model_config, randomize_
 from safetensors.torch import load_file, save_file
+from test_checkpoint_retention import run_overrides
 from test_sample import tiny_sd2_config
 from test_train import BARE, QUIET, _one_thread, compose_train, load_ckpt, run_dir  # noqa: F401 (autouse fixture)
 
-from helpers import model_config, randomize_
 from ldm.checkpoint import (
     CheckpointError,
     checkpoint_from_model,
@@ -46,19 +47,7 @@ def run_cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[s
 
 def tiny_cli_run(tmp_path: Path, *overrides: str) -> list[str]:
     """A 2-step tiny run on 16 demo shapes, writing under tmp_path."""
-    return [
-        f"paths.root={tmp_path}/runs",
-        f"data.root={tmp_path}/data",
-        "data.num_samples=16",
-        "data.samples_per_shard=16",
-        "data.batch_size=4",
-        "data.shuffle_buffer=0",
-        "logger=none",
-        "trainer.max_steps=2",
-        *BARE,
-        *QUIET,
-        *overrides,
-    ]
+    return run_overrides(tmp_path, "trainer.max_steps=2", *overrides)
 
 
 def write_folder(tmp_path: Path, prediction_type: str) -> Path:
@@ -320,7 +309,7 @@ def test_a_nan_step_leaves_weights_optimizer_ema_and_lr_schedule_as_they_were(
 
     monkeypatch.setattr(LatentDiffusion, "diffusion_loss", poisoned)
     snaps = Snapshots()
-    monkeypatch.setattr("ldm.cli.train.build_callbacks", lambda cfg: [snaps])
+    monkeypatch.setattr("ldm.cli.train.build_callbacks", lambda cfg, has_logger=True: [snaps])
     cfg = compose_train(
         tmp_path,
         [

@@ -482,13 +482,22 @@ def run(cfg: DictConfig) -> list[Path]:
     return written
 
 
+def main() -> None:
+    """The console entry point: the command line as typed (see ldm.cli.overrides), then Hydra."""
+    from ldm.cli.checks import run_cli
+
+    run_cli("sample", hydra_main)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from ldm.checkpoint import CheckpointError  # the job runs: the model code is imported now
 
     try:
         written = run(cfg)
     except (CheckpointError, UsageError, ValueError) as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         raise SystemExit(f"sample.py: error: {err}") from None
     log.info("wrote %d files to %s", len(written), cfg.out_dir)
     print(f"wrote {len(written)} images to {cfg.out_dir}")

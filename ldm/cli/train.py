@@ -133,12 +133,47 @@ def requeued_resume_path(output_dir: Path) -> str | None:
     return str(last)
 
 
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[L.Callback]:
+    callbacks = []
+    for c in (cfg.get("callbacks") or {}).values():
+        if c is None:
+            continue
+        if not has_logger and str(c.get("_target_", "")).endswith("LearningRateMonitor"):
+            continue  # it has nowhere to write with logger=none, and Lightning would refuse to start
+        callbacks.append(instantiate(c))
+    return callbacks
+
+
+def wandb_has_credentials() -> bool:
+    """Whether wandb could log in without asking: an API key in the environment or from `wandb login`."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if c is None:
+            continue
+        if str(c.get("_target_", "")).endswith("WandbLogger") and not c.get("offline"):
+            online_mode = os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun")
+            if online_mode and not wandb_has_credentials():
+                # A small machine, a first try: no account yet. Log offline instead of stopping at a prompt.
+                with open_dict(c):
+                    c.offline = True
+                log.warning(
+                    "wandb: no API key (neither WANDB_API_KEY nor `wandb login`): logging offline to %s/wandb; "
+                    "upload it later with `wandb sync %s/wandb/offline-run-*`",
+                    c.get("save_dir"),
+                    c.get("save_dir"),
+                )
+        loggers.append(instantiate(c))
+    return loggers
 
 
 def missing_values(cfg: DictConfig) -> list[str]:
@@ -161,17 +196,20 @@ def check_config(cfg: DictConfig) -> None:
             f"missing mandatory value(s): {', '.join(missing)}; set them on the command line, "
             f"e.g. python train.py {missing[0]}=..."
         )
+    if not cfg.module.get("init_from"):  # else the architecture is the checkpoint's: checked once built
+        check_resolution(cfg.model, cfg.data.get("resolution"))
+
+
+def check_resolution(model: Any, resolution: int | None, source: str = "this model") -> None:
     from ldm.models.stable_diffusion import downsampling_factor
 
-    model = cfg.model
-    factor = downsampling_factor(model.first_stage)
-    levels = len(model.unet.channel_mult)
+    factor = downsampling_factor(model["first_stage"])
+    levels = len(model["unet"]["channel_mult"])
     # The latent must halve cleanly at every UNet level, or skip connections do not line up.
     multiple = factor * 2 ** (levels - 1)
-    resolution = cfg.data.get("resolution")
     if resolution is not None and resolution % multiple:
         raise ConfigError(
-            f"data.resolution={resolution} cannot go through this model: it must be a multiple of "
+            f"data.resolution={resolution} cannot go through {source}: it must be a multiple of "
             f"{multiple} (autoencoder downsampling {factor} x UNet levels {levels})"
         )
 
@@ -238,13 +276,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("_target_", None)
     module = instantiate(cfg.module, model=model_cfg, _convert_="all")
+    if cfg.module.get("init_from") and isinstance(getattr(module, "config", None), dict) and "unet" in module.config:
+        check_resolution(module.config, cfg.data.get("resolution"), f"the model in init_from={cfg.module.init_from}")
     loggers = build_loggers(cfg)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     check_cached_latents(datamodule, module)
     check_conditioning_data(datamodule, module)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False, default_root_dir=str(output_dir)
+        cfg.trainer, callbacks=build_callbacks(cfg, bool(loggers)), logger=loggers or False, default_root_dir=str(output_dir)
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if getattr(module, "stop_reason", None):
@@ -269,10 +309,22 @@ def user_error(err: BaseException) -> BaseException | None:
     problem, a missing file, or an argument a constructor refused (Hydra wraps those)."""
     if isinstance(err, InstantiationException) and isinstance(err.__cause__, ValueError | FileNotFoundError):
         return err.__cause__
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from ldm.checkpoint import CheckpointError
 
     if isinstance(err, ConfigError | CheckpointError | FileNotFoundError | OmegaConfBaseException):
         return err
+    if isinstance(err, MisconfigurationException | InstantiationException) and isinstance(
+        err.__cause__ or err, MisconfigurationException
+    ):
+        cause = err.__cause__ or err  # Lightning's word on a trainer setting
+        if "gpu backend" in str(cause).lower() or "cuda" in str(cause).lower() and "not available" in str(cause).lower():
+            return ConfigError(
+                f"{cause} torch sees no GPU here: train on the CPU with trainer=cpu (recipes that pick "
+                "trainer=gpu take trainer=cpu too), or run on a machine with a CUDA GPU"
+            )
+        return cause
     return None
 
 
@@ -288,8 +340,15 @@ def explicit_prediction_type(cfg: DictConfig, overrides: list[str]) -> None:
                 cfg.prediction_type = value
 
 
+def main() -> None:
+    """The console entry point: the command line as typed (see ldm.cli.overrides), then Hydra."""
+    from ldm.cli.checks import run_cli
+
+    run_cli("train", hydra_main)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     import_lightning()  # the job runs: Lightning and the model code are imported now
@@ -303,7 +362,7 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(1) from None
     except Exception as err:
         shown = user_error(err)
-        if shown is None:
+        if shown is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"train.py: error: {shown}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,0 +1,227 @@
+"""Config errors said in one line that names the key, before Hydra runs the job and before any model code
+is imported.
+
+`precheck` composes the config as Hydra is about to (the Compose API, same overrides) and turns each
+mistake into one line: an unknown key gets the closest known one (`trainer.max_step` → `trainer.max_steps`)
+instead of Hydra's `+key=` hint; a `+key=` that adds a key nothing reads is refused the same way (a
+`_target_` node reads what its callable takes, nothing else reads added keys); a value of the wrong kind
+(`trainer.max_steps=abc`) names the key, the value and what is accepted. `HYDRA_FULL_ERROR=1` skips it, so
+Hydra's own traceback shows.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+# Flags after which Hydra does not run a job, or runs several (sweeps compose per job): no precheck.
+NO_PRECHECK_FLAGS = {"-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion"}
+_KIND = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+class ConfigProblem(ValueError):
+    """A command line that cannot run as typed; the message names the key and the fix."""
+
+
+def config_groups() -> set[str]:
+    return {p.relative_to(CONF).as_posix() for p in CONF.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+
+
+def _split(override: str) -> tuple[str, str, str]:
+    head, _, value = override.partition("=")
+    prefix = re.match(r"\+\+|\+|~", head)
+    prefix_text = prefix.group(0) if prefix else ""
+    return prefix_text, head[len(prefix_text) :], value
+
+
+def flat_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a plain container (lists are leaves)."""
+    keys = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            keys.append(key)
+            keys.extend(flat_keys(v, key))
+    return keys
+
+
+def closest_key(key: str, known: list[str]) -> str | None:
+    """The known key a typo most likely meant: among its siblings first, then anywhere."""
+    parent = key.rpartition(".")[0]
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    for pool in (siblings, known):
+        match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+        if match:
+            return match[0]
+    leaf = key.rpartition(".")[2]
+    by_leaf = [k for k in known if difflib.get_close_matches(leaf, [k.rpartition(".")[2]], n=1, cutoff=0.8)]
+    return by_leaf[0] if len(by_leaf) == 1 else None
+
+
+def _lookup(node: Any, key: str) -> tuple[bool, Any]:
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _compose(config_name: str, overrides: list[str]) -> Any:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    guess = closest_key(key, known)
+    return f" (did you mean {guess}?)" if guess else ""
+
+
+def _explain_composition(err: Exception, overrides: list[str], config_name: str, groups: set[str]) -> str:
+    text = str(err)
+    cause = str(err.__cause__ or "")
+    group_choices = [o for o in overrides if _split(o)[1] in groups]
+    m = re.search(r"Could not (?:override|append to config)[^']*'([^']+)'", text)
+    already = re.search(r"An item is already at '([^']+)'", text + cause)
+    if already:
+        key = already.group(1)
+        return f"{key} is already a key: set it without the '+', as {key}=..."
+    if m:
+        key = m.group(1)
+        try:
+            known = flat_keys(_compose(config_name, group_choices))
+        except Exception:
+            known = []
+        return f"unknown key {key}{_did_you_mean(key, known)}; `python {config_name}.py --cfg job` lists the keys"
+    missing_group = re.search(r"Could not find '([^']+)'", text)
+    if missing_group:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return " ".join(lines).replace("Available options in", "; available options in")
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _accepts(target: str, name: str) -> tuple[bool, list[str]]:
+    """Whether the callable `target` takes a keyword `name`, and the names it does take."""
+    module_name, _, attr = target.rpartition(".")
+    obj = getattr(importlib.import_module(module_name), attr)
+    names: list[str] = []
+    # A class whose __init__ passes **kwargs on takes what its bases take: follow the MRO until one does not.
+    for fn in [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]:
+        if fn is object.__init__:
+            return True, names  # the chain ends in **kwargs nobody names: cannot tell, so allow
+        params = inspect.signature(fn).parameters
+        names += [p for p, v in params.items() if p != "self" and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
+        if not any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values()):
+            break
+    else:
+        return True, names
+    return name in names, names
+
+
+def _check_added_keys(base: dict[str, Any], final: dict[str, Any], overrides: list[str]) -> list[str]:
+    problems = []
+    for override in overrides:
+        prefix, key, raw = _split(override)
+        if prefix not in ("+", "++") or "/" in key:
+            continue
+        if prefix == "+" and _lookup(base, key)[0]:
+            problems.append(f"{key} is already a key: set it without the '+', as {key}={raw}")
+            continue
+        found, value = _lookup(final, key)
+        if not found or (isinstance(value, dict) and "_target_" in value):
+            continue  # a whole new component brings its own _target_
+        parent, _, name = key.rpartition(".")
+        _, parent_node = _lookup(final, parent) if parent else (True, final)
+        others = [k for k in flat_keys(final) if k != key]
+        if isinstance(parent_node, dict) and isinstance(parent_node.get("_target_"), str):
+            takes, names = _accepts(parent_node["_target_"], name)
+            if not takes:
+                guess = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+                hint = f" (did you mean {parent}.{guess[0]}?)" if guess else ""
+                problems.append(f"+{key}: {parent_node['_target_']} takes no argument {name!r}{hint}")
+            continue
+        problems.append(f"+{key} adds a key nothing reads{_did_you_mean(key, others)}")
+    return problems
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _check_value_kinds(base: dict[str, Any], final: dict[str, Any], overrides: list[str]) -> list[str]:
+    problems = []
+    for override in overrides:
+        prefix, key, raw = _split(override)
+        if prefix or "." not in key and key in config_groups():
+            continue
+        had, before = _lookup(base, key)
+        found, after = _lookup(final, key)
+        if not (had and found) or before is None or after is None or _is_interpolation(after):
+            continue
+        kind = type(before)
+        if kind not in _KIND:
+            continue
+        ok = isinstance(after, bool) if kind is bool else (
+            isinstance(after, int) and not isinstance(after, bool) if kind is int
+            else isinstance(after, int | float) and not isinstance(after, bool)
+        )
+        if not ok:
+            problems.append(f"{key}={raw}: expected {_KIND[kind]} (like {key}={before})")
+    return problems
+
+
+def precheck(config_name: str, args: list[str]) -> None:
+    """Raise ConfigProblem (one line) for a command line that would fail inside Hydra or deep in the run."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a in NO_PRECHECK_FLAGS for a in args):
+        return
+    flags_with_values = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                         "--config-dir", "-cd", "--experimental-rerun"}
+    for previous, arg in zip(["", *args[:-1]], args, strict=True):
+        if "=" not in arg and not arg.startswith("-") and previous not in flags_with_values:
+            raise ConfigProblem(
+                f"{arg!r} is not an override (key=value): a value with spaces needs quotes in the shell, "
+                f"e.g. key=\"{arg} ...\""
+            )
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    groups = config_groups() | {"hydra/launcher"}
+    try:
+        final = _compose(config_name, overrides)
+    except Exception as err:  # Hydra's ConfigCompositionException, OverrideParseException, MissingConfigException
+        message = _explain_composition(err, overrides, config_name, groups)
+        raise ConfigProblem(message) from None
+    group_choices = [o for o in overrides if _split(o)[1] in groups]
+    try:
+        base = _compose(config_name, group_choices) if group_choices != overrides else final
+    except Exception:
+        base = {}
+    problems = _check_added_keys(base, final, overrides)
+    value_overrides = [o for o in overrides if not _split(o)[0] and _split(o)[1] not in groups]
+    if value_overrides and not problems:
+        problems = _check_value_kinds(base, final, value_overrides)
+    if problems:
+        raise ConfigProblem("; ".join(problems))
+
+
+def run_cli(config_name: str, hydra_main: Any) -> None:
+    """A console entry point: the command line as typed (ldm.cli.overrides), checked here, then Hydra."""
+    import sys
+
+    from ldm.cli.overrides import rewrite_argv
+
+    sys.argv[1:] = rewrite_argv(sys.argv[1:])
+    try:
+        precheck(config_name, sys.argv[1:])
+    except ConfigProblem as err:
+        print(f"{config_name}.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    hydra_main()
+
