@@ -147,6 +147,8 @@ ONE_LINE_ERRORS = [
     ("+trainer.max_step=3", "lightning.Trainer takes no argument 'max_step' (did you mean trainer.max_steps?)"),
     ("+foo=1", "+foo adds a key nothing reads"),
     ("+data.resolutoin=64", "takes no argument 'resolutoin' (did you mean data.resolution?)"),
+    ("+callbacks.extra._target_=lightning.pytorch.callbacks.LearningRateMonitor +callbacks.extra.every=2",
+     "+callbacks.extra.every: lightning.pytorch.callbacks.LearningRateMonitor takes no argument 'every'"),
     ("trainer.max_steps=abc", "trainer.max_steps=abc: expected an integer"),
     ("module.optimizer.lr=fast", "module.optimizer.lr=fast: expected a number"),
     ("module.caption_dropout=lots", "module.caption_dropout=lots: expected a number"),

@@ -140,6 +140,8 @@ def _check_added_keys(base: dict[str, Any], final: dict[str, Any], overrides: li
         if not found or (isinstance(value, dict) and "_target_" in value):
             continue  # a whole new component brings its own _target_
         parent, _, name = key.rpartition(".")
+        if name.startswith("_") and name.endswith("_"):
+            continue  # Hydra's own keys of a node (_target_, _partial_, _args_, ...)
         _, parent_node = _lookup(final, parent) if parent else (True, final)
         others = [k for k in flat_keys(final) if k != key]
         if isinstance(parent_node, dict) and isinstance(parent_node.get("_target_"), str):
