@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -236,3 +237,187 @@ def image_grid(images: list[np.ndarray]) -> np.ndarray:
     for i, image in enumerate(images):
         grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = image
     return grid
+
+
+# ----------------------------------------------------------------------------------------------
+# From pictures and settings to images: what sample.py does, for Python users
+#
+#     from ldm import load_model, generate
+#     model = load_model("v1-5-pruned-emaonly.safetensors")
+#     images = generate(model, ["a castle on a hill, oil painting"], seed=42)          # text to image
+#     images = generate(model, ["a watercolour castle"], image="sketch.png", strength=0.6)
+#     images = generate(inpaint_model, ["a red sofa"], image="room.png", mask="mask.png")
+
+
+class InputError(ValueError):
+    """A picture, mask, map or setting a model cannot take; the message names it and the fix."""
+
+
+def read_picture(source: str | Path | Image.Image, what: str) -> Image.Image:
+    """A PIL image from a path (or the image itself); `what` names the input in errors (image, mask, seg)."""
+    if isinstance(source, Image.Image):
+        return source
+    try:
+        return Image.open(source)
+    except FileNotFoundError:
+        raise InputError(f"{what}={source} does not exist") from None
+    except OSError as err:
+        raise InputError(f"{what}={source} is not an image PIL can read ({err})") from None
+
+
+def read_segmentation(source: str | Path | Image.Image, height: int, width: int) -> Tensor:
+    """A class-index PNG (mode L or P: the pixel values are the labels) as a (1, H, W) int64 tensor."""
+    seg = read_picture(source, "seg")
+    if seg.mode not in ("L", "P", "I", "I;16"):
+        raise InputError(
+            f"seg={source} is a {seg.mode} image: a semantic map is a single-channel PNG whose pixel values are "
+            "class indices (mode L or P)"
+        )
+    seg = seg.resize((width, height), resample=Image.Resampling.NEAREST)
+    return torch.from_numpy(np.asarray(seg).astype(np.int64))[None]
+
+
+def output_size(
+    model: StableDiffusion, image: str | Path | Image.Image | None = None, height: int | None = None,
+    width: int | None = None,
+) -> tuple[int, int]:
+    """(height, width): as asked; else the input picture's size for image-to-image and edit models
+    (rounded down to the autoencoder's multiple, as diffusers' img2img and InstructPix2Pix pipelines
+    do); else the model's native size."""
+    if model.concat in (None, "image") and image is not None and (height is None or width is None):
+        factor = model.downsampling_factor
+        w, h = (v - v % factor for v in read_picture(image, "image").size)
+        return height or h, width or w
+    return height or model.config["image_size"], width or model.config["image_size"]
+
+
+def resolve_strength(model: StableDiffusion, strength: float | None, image: object | None) -> float:
+    """The strength a run uses: as given, else diffusers' defaults (img2img 0.8, inpainting 1)."""
+    img2img = model.concat is None and image is not None
+    if strength is not None and not (img2img or model.concat == "inpainting"):
+        raise InputError(
+            "strength applies to image-to-image (a text-to-image checkpoint with image=) and inpainting only"
+        )
+    if strength is None:
+        return 0.8 if img2img else 1.0
+    return float(strength)
+
+
+def _wrong_inputs(model: StableDiffusion, given: set[str], wanted: set[str]) -> str:
+    kind, channels = model.concat, model.config["unet"]["in_channels"]
+    extra = " and ".join(f"{k}=" for k in sorted(given - wanted))
+    if kind is None:
+        return (
+            f"this is a text-to-image model ({channels} UNet input channels), not an inpainting model or another "
+            f"image-conditioned one: it takes image=PATH alone (image-to-image, with strength=); drop "
+            + " and ".join(f"{k}=" for k in sorted(given - {"image"}))
+        )
+    if kind == "inpainting" and given and given < wanted:
+        return "inpainting needs both image=PATH and mask=PATH (white = the area to repaint)"
+    needs = " and ".join(f"{k}=PATH" for k in sorted(wanted))
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"this is {article} {kind} model (its UNet takes {channels} input channels): give {needs}" + (
+        f" and drop {extra}" if extra else ""
+    )
+
+
+def check_inputs(model: StableDiffusion, image: object = None, mask: object = None, seg: object = None) -> None:
+    """The pictures a model takes, or one line saying which it takes."""
+    given = {k for k, v in (("image", image), ("mask", mask), ("seg", seg)) if v is not None}
+    wanted = {None: set(), "inpainting": {"image", "mask"}, "image": {"image"}, "semantic_map": {"seg"}}[model.concat]
+    if model.concat is None and given <= {"image"}:
+        return  # text to image, or image to image
+    if given != wanted:
+        raise InputError(_wrong_inputs(model, given, wanted))
+
+
+@torch.no_grad()
+def start_latents(
+    model: StableDiffusion, image: object, mask: object, height: int, width: int, generator: torch.Generator,
+    strength: float,
+) -> Tensor | None:
+    """The picture's scaled latents where the run starts from it: a text-to-image model given an image
+    (image-to-image), or inpainting below strength 1. A posterior sample, drawn before the noise, as
+    diffusers' img2img and inpainting pipelines draw it; None otherwise."""
+    img2img = model.concat is None and image is not None and mask is None
+    if not (img2img or (model.concat == "inpainting" and image is not None and strength < 1)):
+        return None
+    picture = image_to_tensor(read_picture(image, "image"), height, width)
+    param = next(model.first_stage_model.parameters())
+    return model.encode_images(picture.to(device=param.device, dtype=param.dtype), generator)
+
+
+def concat_input(
+    model: StableDiffusion, image: object, mask: object, seg: object, height: int, width: int,
+    generator: torch.Generator,
+) -> Tensor | None:
+    """What the model's UNet sees besides z_t, from the image, mask or map; None for text-to-image. Drawn
+    after the initial noise (inpainting samples the masked picture's posterior), as diffusers does."""
+    check_inputs(model, image, mask, seg)
+    if model.concat is None:
+        return None
+    factor = model.downsampling_factor
+    if model.concat == "semantic_map":
+        labels = read_segmentation(seg, height, width)
+        return semantic_condition(labels, model.config["semantic_classes"], (height // factor, width // factor))
+    picture = image_to_tensor(read_picture(image, "image"), height, width)
+    if model.concat == "image":
+        return image_condition(model, picture)
+    return inpainting_condition(model, picture, mask_to_tensor(read_picture(mask, "mask"), height, width), generator)
+
+
+def generate_images(
+    model: StableDiffusion,
+    prompts: str | list[str],
+    negative_prompt: str = "",
+    *,
+    image: str | Path | Image.Image | None = None,
+    mask: str | Path | Image.Image | None = None,
+    seg: str | Path | Image.Image | None = None,
+    strength: float | None = None,
+    settings: SamplerSettings | None = None,
+    seed: int = 0,
+    num_images: int = 1,
+    batch_size: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    up_to: int | None = None,
+    callback: Callable | None = None,
+    **sampler: object,
+) -> list[list[Image.Image]]:
+    """For each prompt, `num_images` PIL images: exactly what `sample.py` writes for the same settings.
+
+    `image` starts from a picture (image-to-image, `strength` default 0.8) on a text-to-image model, or is
+    the picture an inpainting (with `mask`: white is repainted) or edit model works on; `seg` is a
+    semantic-map model's class map. `settings` (or its fields as keywords: `sampler="dpmpp_2m"`,
+    `steps=25`, `guidance_scale=7.5`, ...) is the sampler. One CPU generator per prompt, seeded `seed`:
+    the same prompt and seed give the same images wherever they stand. `up_to=i` stops after the batch
+    holding image i (to regenerate one image of a larger run)."""
+    if settings is None:
+        settings = SamplerSettings(**sampler)  # type: ignore[arg-type]
+    elif sampler:
+        raise TypeError(f"give settings or sampler keywords ({sorted(sampler)}), not both")
+    if num_images < 1:
+        raise InputError(f"num_images must be at least 1, got {num_images}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    check_inputs(model, image, mask, seg)
+    height, width = output_size(model, image, height, width)
+    settings.strength = resolve_strength(model, strength, image)
+    batch_size = batch_size or num_images
+    out: list[list[Image.Image]] = []
+    for prompt in prompts:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        init_latents = start_latents(model, image, mask, height, width, generator, settings.strength)
+        noise = initial_noise(num_images, model.latent_channels, height, width, model.downsampling_factor, generator)
+        concat = concat_input(model, image, mask, seg, height, width, generator)
+        images: list[Image.Image] = []
+        for start in range(0, num_images if up_to is None else up_to + 1, batch_size):
+            chunk = noise[start : start + batch_size]
+            batch = generate(
+                model, [prompt] * len(chunk), negative_prompt, settings, height=height, width=width,
+                generator=generator, noise=chunk, concat=concat, init_latents=init_latents,
+                callback=None if callback is None else partial(callback, prompt, start),
+            )
+            images.extend(Image.fromarray(a) for a in to_uint8(batch))
+        out.append(images)
+    return out

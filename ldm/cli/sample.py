@@ -85,14 +85,9 @@ def _as_text(value: Any) -> str:
 
 
 def read_picture(path: str, what: str) -> Image.Image:
-    from PIL import Image
+    from ldm.sampling import read_picture as read
 
-    try:
-        return Image.open(path)
-    except FileNotFoundError:
-        raise UsageError(f"{what}={path} does not exist") from None
-    except OSError as err:
-        raise UsageError(f"{what}={path} is not an image PIL can read ({err})") from None
+    return read(path, what)
 
 
 def lora_files(cfg: DictConfig) -> tuple[list[str], list[float]]:
@@ -115,113 +110,6 @@ def apply_loras(cfg: DictConfig, model: Any) -> None:
             merge_lora_file(model, path, float(scale))
         except FileNotFoundError as err:
             raise UsageError(str(err)) from None
-
-
-def output_size(cfg: DictConfig, model: Any) -> tuple[int, int]:
-    """(height, width): as asked; else the input picture's size for image-to-image and edit models
-    (rounded down to the autoencoder's multiple, as diffusers' img2img and InstructPix2Pix pipelines
-    do); else the model's native size."""
-    if model.concat in (None, "image") and cfg.image is not None and (cfg.height is None or cfg.width is None):
-        factor = model.downsampling_factor
-        width, height = (v - v % factor for v in read_picture(cfg.image, "image").size)
-        return cfg.height or height, cfg.width or width
-    return cfg.height or model.config["image_size"], cfg.width or model.config["image_size"]
-
-
-def read_segmentation(path: str, height: int, width: int) -> torch.Tensor:
-    """A class-index PNG (mode L or P: the pixel values are the labels) as a (1, H, W) int64 tensor."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    seg = read_picture(path, "seg")
-    if seg.mode not in ("L", "P", "I", "I;16"):
-        raise UsageError(
-            f"seg={path} is a {seg.mode} image: a semantic map is a single-channel PNG whose pixel values are "
-            "class indices (mode L or P)"
-        )
-    seg = seg.resize((width, height), resample=Image.Resampling.NEAREST)
-    return torch.from_numpy(np.asarray(seg).astype(np.int64))[None]
-
-
-def _wrong_inputs(model: Any, given: set[str], wanted: set[str]) -> str:
-    kind, channels = model.concat, model.config["unet"]["in_channels"]
-    extra = " and ".join(f"{k}=" for k in sorted(given - wanted))
-    if kind is None:
-        return (
-            f"this is a text-to-image model ({channels} UNet input channels), not an inpainting model or another "
-            f"image-conditioned one: it takes image=PATH alone (image-to-image, with strength=); drop "
-            + " and ".join(f"{k}=" for k in sorted(given - {"image"}))
-        )
-    if kind == "inpainting" and given and given < wanted:
-        return "inpainting needs both image=PATH and mask=PATH (white = the area to repaint)"
-    needs = " and ".join(f"{k}=PATH" for k in sorted(wanted))
-    article = "an" if kind[0] in "aeiou" else "a"
-    return f"this is {article} {kind} model (its UNet takes {channels} input channels): give {needs}" + (
-        f" and drop {extra}" if extra else ""
-    )
-
-
-def strength_of(cfg: DictConfig, model: Any) -> float:
-    """The strength a run uses: as given, else diffusers' defaults (img2img 0.8, inpainting 1)."""
-    img2img = model.concat is None and cfg.image is not None
-    if cfg.strength is not None and not (img2img or model.concat == "inpainting"):
-        raise UsageError(
-            "strength applies to image-to-image (a text-to-image checkpoint with image=) and inpainting only"
-        )
-    if cfg.strength is None:
-        return 0.8 if img2img else 1.0
-    return float(cfg.strength)
-
-
-def img2img_latents(
-    cfg: DictConfig, model: Any, height: int, width: int, generator: torch.Generator, strength: float
-) -> torch.Tensor | None:
-    """The picture's scaled latents where the run starts from it: a text-to-image model given image=
-    (image-to-image), or inpainting below strength 1. A posterior sample, drawn before the noise, as
-    diffusers' img2img and inpainting pipelines draw it; None otherwise."""
-    import torch
-
-    from ldm.sampling import image_to_tensor
-
-    img2img = model.concat is None and cfg.image is not None and cfg.mask is None and cfg.get("seg") is None
-    if not (img2img or (model.concat == "inpainting" and cfg.image is not None and strength < 1)):
-        return None
-    picture = image_to_tensor(read_picture(cfg.image, "image"), height, width)
-    param = next(model.first_stage_model.parameters())
-    with torch.no_grad():
-        return model.encode_images(picture.to(device=param.device, dtype=param.dtype), generator)
-
-
-def concat_input(
-    cfg: DictConfig, model: Any, height: int, width: int, generator: torch.Generator
-) -> torch.Tensor | None:
-    """What the model's UNet sees besides z_t, from image=, mask= and seg=; None for text-to-image."""
-    from ldm.sampling import (
-        image_condition,
-        image_to_tensor,
-        inpainting_condition,
-        mask_to_tensor,
-        semantic_condition,
-    )
-
-    given = {k: cfg.get(k) for k in ("image", "mask", "seg") if cfg.get(k) is not None}
-    wanted = {None: set(), "inpainting": {"image", "mask"}, "image": {"image"}, "semantic_map": {"seg"}}[model.concat]
-    if model.concat is None and set(given) == {"image"}:
-        return None  # image-to-image: the picture starts the run (see img2img_latents), nothing is concatenated
-    if set(given) != wanted:
-        raise UsageError(_wrong_inputs(model, set(given), wanted))
-    if model.concat is None:
-        return None
-    factor = model.downsampling_factor
-    if model.concat == "semantic_map":
-        seg = read_segmentation(cfg.seg, height, width)
-        return semantic_condition(seg, model.config["semantic_classes"], (height // factor, width // factor))
-    image = image_to_tensor(read_picture(cfg.image, "image"), height, width)
-    if model.concat == "image":
-        return image_condition(model, image)
-    mask = mask_to_tensor(read_picture(cfg.mask, "mask"), height, width)
-    return inpainting_condition(model, image, mask, generator)
 
 
 def png_metadata(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
@@ -351,14 +239,40 @@ def next_index(out_dir: Path) -> int:
     return max(taken, default=-1) + 1
 
 
+class ProgressBars:
+    """One tqdm bar per batch of a prompt (the callback of ldm.sampling.generate_images)."""
+
+    def __init__(self, steps: int, num_images: int):
+        self.steps, self.num_images, self.bar, self.start = steps, num_images, None, None
+
+    def __call__(self, prompt: str, start: int, *_: Any) -> None:
+        from tqdm.auto import tqdm
+
+        if start != self.start:
+            self.close()
+            self.bar = tqdm(total=self.steps, desc=f"{prompt[:40]!r} {start + 1}/{self.num_images}", leave=False)
+            self.start = start
+        self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def run(cfg: DictConfig) -> list[Path]:
     import numpy as np
-    import torch
     from PIL import Image
-    from tqdm.auto import tqdm
 
     from ldm.checkpoint import load_model
-    from ldm.sampling import SamplerSettings, generate, image_grid, initial_noise, to_uint8
+    from ldm.sampling import (
+        SamplerSettings,
+        check_inputs,
+        generate_images,
+        image_grid,
+        output_size,
+        resolve_strength,
+    )
 
     cfg, png = apply_png_settings(cfg)
     if cfg.get("ckpt") is None:
@@ -395,8 +309,9 @@ def run(cfg: DictConfig) -> list[Path]:
     )
     apply_loras(cfg, model)
     model.to(device=device, dtype=torch_dtype(dtype))
-    height, width = output_size(cfg, model)
-    settings.strength = strength_of(cfg, model)
+    check_inputs(model, cfg.image, cfg.mask, cfg.get("seg"))
+    height, width = output_size(model, cfg.image, cfg.height, cfg.width)
+    settings.strength = resolve_strength(model, cfg.strength, cfg.image)
     # Once per run: a 4 GB file takes seconds (A1111's "Model hash"; None for a diffusers folder).
     ckpt_hash = pnginfo.model_hash(cfg.ckpt)
     if png is not None and png.model_hash and ckpt_hash and png.model_hash != ckpt_hash:
@@ -441,32 +356,14 @@ def run(cfg: DictConfig) -> list[Path]:
     keep = png.image_index if png is not None else None
     written: list[Path] = []
     for prompt in prompts:
-        # One generator per prompt: the same prompt and seed give the same images wherever they stand.
-        generator = torch.Generator("cpu").manual_seed(cfg.seed)
-        init_latents = img2img_latents(cfg, model, height, width, generator, settings.strength)
-        noise = initial_noise(
-            cfg.num_images, model.latent_channels, height, width, model.downsampling_factor, generator
+        progress = ProgressBars(settings.steps, cfg.num_images)
+        # ldm.sampling.generate_images: what a Python user calls, so both give the same images.
+        (images,) = generate_images(
+            model, [prompt], negative, image=cfg.image, mask=cfg.mask, seg=cfg.get("seg"), strength=cfg.strength,
+            settings=settings, seed=cfg.seed, num_images=cfg.num_images, batch_size=batch_size, height=height,
+            width=width, up_to=keep, callback=progress,
         )
-        concat = concat_input(cfg, model, height, width, generator)
-        images = []
-        for start in range(0, cfg.num_images if keep is None else keep + 1, batch_size):
-            chunk = noise[start : start + batch_size]
-            bar = tqdm(total=settings.steps, desc=f"{prompt[:40]!r} {start + 1}/{cfg.num_images}", leave=False)
-            batch = generate(
-                model,
-                [prompt] * len(chunk),
-                negative,
-                settings,
-                height=height,
-                width=width,
-                generator=generator,
-                noise=chunk,
-                concat=concat,
-                init_latents=init_latents,
-                callback=lambda *_, bar=bar: bar.update(),
-            )
-            bar.close()
-            images.extend(Image.fromarray(a) for a in to_uint8(batch))
+        progress.close()
         meta = {"prompt": prompt, "negative_prompt": negative, **meta_base}
         for i, image in enumerate(images):
             if keep is not None and i != keep:
