@@ -201,14 +201,48 @@ def read_png_settings(path: str | Path, text: Mapping[str, str]) -> tuple[dict[s
     )
 
 
-# Hashes, as A1111 computes them; cached by file identity, so a run reads a file once.
+# Hashes, as A1111 computes them. Cached by file identity (real path, size, mtime), in memory and on disk
+# (as A1111's cache.json), so a 4-15 GB checkpoint is read once, not at every sample.py run.
 _HASHES: dict[tuple[str, str, int, int], str] = {}
+
+
+def hash_cache_path() -> Path:
+    """`$LDM_CACHE_DIR/hashes.json`, else `$XDG_CACHE_HOME/ldm/hashes.json`, else `~/.cache/ldm/hashes.json`."""
+    root = os.environ.get("LDM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ldm"
+    )
+    return Path(root) / "hashes.json"
+
+
+def _disk_cache() -> dict[str, str]:
+    try:
+        cached = json.loads(hash_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
+def _remember(entry: str, digest: str) -> None:
+    """Add one hash to the disk cache; a cache that cannot be written only costs the next run a read."""
+    path = hash_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cached = _disk_cache()
+        cached[entry] = digest
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cached, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _sha256(path: str | Path, skip_safetensors_header: bool = False) -> str:
     real = os.path.realpath(path)
     stat = os.stat(real)
     key = (real, "addnet" if skip_safetensors_header else "file", stat.st_size, stat.st_mtime_ns)
+    entry = "|".join(map(str, key))
+    if key not in _HASHES and entry in (cached := _disk_cache()):
+        _HASHES[key] = cached[entry]
     if key not in _HASHES:
         digest = hashlib.sha256()
         with open(real, "rb") as f:
@@ -217,6 +251,7 @@ def _sha256(path: str | Path, skip_safetensors_header: bool = False) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         _HASHES[key] = digest.hexdigest()
+        _remember(entry, _HASHES[key])
     return _HASHES[key]
 
 

@@ -184,6 +184,30 @@ def test_lora_hash_is_a1111s_and_a_folder_has_no_model_hash(tmp_path):
     assert model_hash(tmp_path) is None
 
 
+def test_checkpoint_hashes_are_read_once_and_cached_on_disk(tmp_path, monkeypatch):
+    """A 4-15 GB checkpoint is hashed once: later runs (new processes) read the hash from the disk cache,
+    until the file changes."""
+    from ldm import pnginfo
+
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(b"weights" * 1000)
+    first = model_hash(ckpt)
+    assert first == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:10]
+    assert (tmp_path / "cache" / "hashes.json").is_file()
+    monkeypatch.setattr(pnginfo, "_HASHES", {})  # as a new process
+    monkeypatch.setattr(pnginfo.hashlib, "sha256", lambda: (_ for _ in ()).throw(AssertionError("read again")))
+    assert model_hash(ckpt) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt.write_bytes(b"other weights" * 1000)  # another size: another identity
+    assert model_hash(ckpt) == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:10] != first
+    # an unwritable cache costs a read, not the run
+    monkeypatch.setenv("LDM_CACHE_DIR", str(ckpt))  # a file, not a folder
+    monkeypatch.setattr(pnginfo, "_HASHES", {})
+    assert model_hash(ckpt) == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:10]
+
+
 def test_a1111_parameters_alone_need_ckpt(tmp_path):
     single = write_model(tmp_path, "tiny", fmt="single")
     png = tmp_path / "a1111.png"
