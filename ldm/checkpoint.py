@@ -561,14 +561,24 @@ def _save_safetensors(sd: dict[str, Tensor], path: Path, metadata: dict[str, str
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     save_file(out, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600
 
 
-def _atomic_file(path: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` to a temporary name beside `path`, then renamed: a crash never leaves half a file. The
+    file gets the permissions any new file gets (0644 under umask 022), not mkstemp's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -581,9 +591,9 @@ def save_ldm_file(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None 
     sd = _cast({**ckpt.extras, **ckpt.state_dict}, dtype)
     config_json = json.dumps(ckpt.config)
     if path.suffix == ".safetensors":
-        _atomic_file(path, lambda tmp: _save_safetensors(sd, tmp, {"format": "pt", "ldm_config": config_json}))
+        atomic_write(path, lambda tmp: _save_safetensors(sd, tmp, {"format": "pt", "ldm_config": config_json}))
     elif path.suffix in (".ckpt", ".pt"):
-        _atomic_file(path, lambda tmp: torch.save({"state_dict": sd, "ldm_config": ckpt.config}, tmp))
+        atomic_write(path, lambda tmp: torch.save({"state_dict": sd, "ldm_config": ckpt.config}, tmp))
     else:
         raise CheckpointError(f"{path}: unknown output type; use .safetensors or .ckpt, or a folder for diffusers")
 
@@ -699,6 +709,7 @@ def save_diffusers_folder(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(cfg), indent=2))
         (tmp / "model_index.json").write_text(json.dumps(_model_index(cfg), indent=2))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is 0700: readable as any new folder instead
         os.replace(tmp, dst)
     finally:
         if tmp.exists():

@@ -143,7 +143,9 @@ def save_kohya(lora: UNetLoRA, unet_config: Mapping[str, Any], path: str | Path)
         tensors[f"{stem}.lora_up.weight"] = adapter.up.weight.detach().float().cpu().contiguous()
         tensors[f"{stem}.alpha"] = adapter.alpha.detach().float().cpu().reshape(())
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank), "ss_network_alpha": str(lora.alpha)}
-    save_file(tensors, str(path), metadata=meta)
+    from ldm.checkpoint import atomic_write  # renamed into place, with a new file's usual permissions
+
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 TEXT_KOHYA_PREFIX = "lora_te_"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,19 @@ def test_convert_refuses_to_overwrite_a_folder(tmp_path):
     (tmp_path / "pipe" / "keep.txt").write_text("mine")
     assert convert_main([str(tmp_path / "m.safetensors"), str(tmp_path / "pipe")]) == 2
     assert (tmp_path / "pipe" / "keep.txt").read_text() == "mine"
+
+
+def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
+    """Under umask 022 what we write is 0644 (folders 0755), as any new file: not mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        ckpt = tiny_checkpoint()
+        save_checkpoint(ckpt, tmp_path / "m.safetensors")
+        save_checkpoint(ckpt, tmp_path / "m.ckpt")
+        save_checkpoint(ckpt, tmp_path / "pipe")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "m.safetensors", tmp_path / "m.ckpt"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE((tmp_path / "pipe").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mode) == 0o644

@@ -80,36 +80,36 @@ def _plainly_text(value: str) -> bool:
     return bool(value) and value[0] not in "[{('\"" and "${" not in value
 
 
-def rewrite_arg(arg: str) -> str:
-    """One command-line argument as the Hydra override it means (unchanged when it already is one)."""
+def _split(arg: str) -> tuple[str, str, str] | None:
+    """(head, value, leaf key) of a `key=value` argument that may be rewritten; None for flags, `~key`,
+    group choices with odd names and bare words."""
     if arg.startswith("-") or "=" not in arg:
-        return arg
+        return None
     head, _, value = arg.partition("=")
     match = _KEY.fullmatch(head)
     if match is None or match["prefix"] == "~":
+        return None
+    return head, value, match["key"].rsplit(".", 1)[-1]
+
+
+def _is_free_text(leaf: str, value: str) -> bool:
+    return leaf in FREE_TEXT_KEYS or (leaf in FREE_TEXT_LIST_KEYS and not value.startswith("["))
+
+
+def rewrite_arg(arg: str) -> str:
+    """One command-line argument as the Hydra override it means (unchanged when it already is one)."""
+    parts = _split(arg)
+    if parts is None:
         return arg
-    leaf = match["key"].rsplit(".", 1)[-1]
-    if leaf in FREE_TEXT_KEYS:
-        return arg if _is_quoted_string(value) else f"{head}={hydra_quote(value)}"
-    if leaf in FREE_TEXT_LIST_KEYS:
-        if value.startswith("[") or _is_quoted_string(value):
+    head, value, leaf = parts
+    if _is_free_text(leaf, value):
+        if _is_quoted_string(value):
             return arg
-        return f"{head}=[{hydra_quote(value)}]"
-    if _parses(arg) or not _plainly_text(value):
+        return f"{head}={hydra_quote(value)}" if leaf in FREE_TEXT_KEYS else f"{head}=[{hydra_quote(value)}]"
+    if leaf in FREE_TEXT_LIST_KEYS or _parses(arg) or not _plainly_text(value):
         return arg
     quoted = f"{head}={hydra_quote(value)}"
     return quoted if _parses(quoted) else arg
-
-
-def _free_text_head(arg: str) -> str | None:
-    head, sep, _ = arg.partition("=")
-    match = _KEY.fullmatch(head) if sep and not arg.startswith("-") else None
-    if match is None or match["prefix"] == "~":
-        return None
-    leaf = match["key"].rsplit(".", 1)[-1]
-    if leaf in FREE_TEXT_KEYS or (leaf in FREE_TEXT_LIST_KEYS and not arg.partition("=")[2].startswith("[")):
-        return head
-    return None
 
 
 def rewrite_argv(args: list[str]) -> list[str]:
@@ -118,7 +118,8 @@ def rewrite_argv(args: list[str]) -> list[str]:
     `prompt=a`, `red`, `cat`) join it again: no override is a bare word."""
     joined: list[str] = []
     for arg in args:
-        if joined and "=" not in arg and not arg.startswith("-") and _free_text_head(joined[-1]) is not None:
+        previous = _split(joined[-1]) if joined else None
+        if previous and "=" not in arg and not arg.startswith("-") and _is_free_text(previous[2], previous[1]):
             joined[-1] += " " + arg
         else:
             joined.append(arg)

@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,12 +81,6 @@ def _as_text(value: Any) -> str:
     if isinstance(value, (list, ListConfig)):
         return ", ".join(str(v) for v in value)
     return str(value)
-
-
-def read_picture(path: str, what: str) -> Image.Image:
-    from ldm.sampling import read_picture as read
-
-    return read(path, what)
 
 
 def lora_files(cfg: DictConfig) -> tuple[list[str], list[float]]:
@@ -159,6 +152,8 @@ def apply_png_settings(cfg: DictConfig) -> tuple[DictConfig, FromPng | None]:
     path = cfg.get("from_png")
     if path is None:
         return cfg, None
+    from ldm.sampling import read_picture
+
     picture = read_picture(str(path), "from_png")
     try:
         saved, source = pnginfo.read_png_settings(path, getattr(picture, "text", {}))
@@ -223,14 +218,9 @@ def apply_png_settings(cfg: DictConfig) -> tuple[DictConfig, FromPng | None]:
 
 
 def save_png(image: Image.Image, path: Path, info: PngImagePlugin.PngInfo | None = None) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from ldm.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def next_index(out_dir: Path) -> int:
