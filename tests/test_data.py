@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import tarfile
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -233,10 +234,57 @@ def test_corrupt_samples_are_skipped_counted_and_warned_about_once(
     with caplog.at_level(logging.WARNING, logger=wdm.__name__):
         batches = _read_all(dm)
     assert set(_keys(batches)) == good and len(_keys(batches)) == len(good)
-    assert dm.skipped_samples == {"unreadable image": 2, "no caption": 1}
-    assert sum(sum(b["skipped"].values()) for b in batches) <= 3
+    assert dm.skipped_samples == {"truncated image": 1, "not an image": 1, "no caption": 1}
+    # every skip rides on a batch, the caption-less sample after c-0's last one too, with its shard and key
+    assert sum(sum(b["skipped"].values()) for b in batches) == 3
+    dropped = {(Path(shard).name, key, reason) for b in batches for shard, key, reason, _ in b["dropped"]}
+    assert dropped == {
+        ("c-0.tar", "truncated", "truncated image"),
+        ("c-0.tar", "uncaptioned", "no caption"),
+        ("c-1.tar", "garbage", "not an image"),
+    }
     if num_workers == 0:  # worker processes log to their own stderr
         assert len([r for r in caplog.records if "skipping sample" in r.message]) == 1
+
+
+@pytest.mark.parametrize("epoch_length", [None, 2])
+def test_skips_of_a_worker_without_batches_and_after_the_last_batch_reach_a_batch(
+    tmp_path: Path, epoch_length: int | None
+) -> None:
+    """Worker 0's shard ends in malformed samples after its last batch; worker 1's holds nothing usable,
+    so it yields no batch at all; with epoch_length the pass is cut right after its last batch."""
+    rng = np.random.default_rng(0)
+    good = [_good_sample(f"g{i}", rng) for i in range(4)]
+    tail = [{"__key__": "garbage", "jpg": b"not an image", "txt": b"x"}, {"__key__": "bare", "png": good[0]["png"]}]
+    useless = [{"__key__": f"u{i}", "png": good[0]["png"]} for i in range(3)]
+    shards = [_write_tar(tmp_path / "w-0.tar", good + tail), _write_tar(tmp_path / "w-1.tar", useless)]
+    dm = WebDataModule(
+        shards, batch_size=2, num_workers=2, resolution=RES, shuffle_buffer=0, epoch_length=epoch_length
+    )
+    batches = _read_all(dm)
+    assert len(batches) == 2 and all(set(b) >= {"key", "skipped", "dropped"} for b in batches)
+    carried = Counter()
+    for b in batches:
+        carried.update(b["skipped"])
+        assert sum(b["skipped"].values()) == len(b["dropped"])
+    assert carried == {"not an image": 1, "no caption": 4}
+    assert sorted(key for b in batches for _, key, _, _ in b["dropped"]) == ["bare", "garbage", "u0", "u1", "u2"]
+
+
+def test_rate_limited_warnings_count_what_they_held_back_by_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = iter([0.0, 1.0, 2.0, 3.0, 100.0])
+    monkeypatch.setattr(wdm.time, "monotonic", lambda: next(clock))
+    warn = wdm._RateLimitedWarning(60.0)
+    with caplog.at_level(logging.WARNING, logger=wdm.__name__):
+        for reason in ("no caption", "too small", "no caption", "not an image", "truncated image"):
+            warn(f"skipping a sample: {reason}", reason)
+    assert [r.message for r in caplog.records] == [
+        "skipping a sample: no caption",
+        "skipping a sample: truncated image (3 more skipped since the last warning: too small 1, "
+        "no caption 1, not an image 1)",
+    ]
 
 
 def test_training_runs_through_corrupt_samples_and_checkpoints_the_counts(tmp_path: Path) -> None:
@@ -267,10 +315,11 @@ def test_training_runs_through_corrupt_samples_and_checkpoints_the_counts(tmp_pa
     )
     trainer.fit(module, datamodule=dm)
     assert sorted(module.seen) == sorted([*good, *good])
-    assert dm.skipped_samples == {"unreadable image": 4, "no caption": 2}
+    assert dm.skipped_samples == {"truncated image": 2, "not an image": 2, "no caption": 2}
     checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
     assert checkpoint[WebDataModule.__qualname__]["skipped_samples"] == {
-        "unreadable image": 4,
+        "truncated image": 2,
+        "not an image": 2,
         "no caption": 2,
     }
 

@@ -3,7 +3,8 @@
     dm = WebDataModule("data/shards-{000000..000099}.tar", batch_size=32, num_workers=8, resolution=512)
 
 Batches: `image` float32 Bx3xHxW in [-1, 1], `caption` list[str], `key` list[str] (sample keys),
-`skipped` dict reason -> count of samples dropped since the previous batch of the same worker.
+`skipped` dict reason -> count of samples dropped since the previous batch of the same worker, and
+`dropped` one `(shard, key, reason, detail)` per sample counted in `skipped`.
 With `latents=True` (shards written by `ldm-cache-latents`) a batch holds `moments` (Bx2Cxhxw, the
 autoencoder's posterior mean and log-variance) instead of `image`.
 
@@ -31,15 +32,22 @@ of samples would otherwise finish at different steps and hang DDP, so for multi-
 cut into epochs of `epoch_length`. Validation shards are read whole by every rank (no rank
 waits on another, results are identical), which suits the small validation sets of diffusion.
 
-Bad samples (undecodable or truncated image, no image, no caption, image smaller than
-`min_size`, unreadable shard; missing or unreadable conditioning image or segmentation map) are skipped, never fatal: a warning is logged at most once every
-`WARN_INTERVAL_S` seconds per process, each batch carries `skipped`, and the loader adds them up
-in `WebDataModule.skipped_samples` in the main process, exact with or without workers.
+Bad samples are skipped, never fatal, and counted by reason: "truncated image", "not an image" (bytes
+no image format reads), "unreadable image" (other decoding errors), "no image", "no caption", "too small"
+(shorter side below `min_size`), "unreadable shard" (counted once per shard that fails to open or read);
+missing or unreadable conditioning image or segmentation map. A warning is logged at most once every
+`WARN_INTERVAL_S` seconds per process (it counts by reason those it held back). Every skip reaches a
+batch: a worker's skips after its last batch come as a `{"skipped", "dropped"}`-only item, which the
+loader folds into the batch it yields next (it holds each batch until the next item arrives, so skips at
+the very end of a pass ride on its last batch). Whatever trains on the batches sees every skip among the
+samples read before its last batch, for any number of workers (LatentDiffusion sums them over ranks and
+reports them at each epoch's end). `WebDataModule.skipped_samples` adds up, in the main process, what
+this process's loaders received (training and validation).
 
 Resume: a stream has no position to save. Each pass over the data is shuffled with a seed drawn
 from (`seed`, the trainer's global step when the pass starts), so a run resumed at an epoch boundary sees
 the same order as an uninterrupted one, and one resumed mid-epoch restarts the stream with a new
-order (samples seen just before the stop may come again). `state_dict` keeps the skip counts.
+order (samples seen just before the stop may come again). `state_dict` keeps this process's skip counts.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ import lightning
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.transforms import apply_crop, decode_label_map, plan_crop, to_tensor
@@ -133,36 +141,56 @@ def caption_from(sample: dict[str, Any], caption_key: str) -> str | None:
 
 
 class _RateLimitedWarning:
-    """Logs at most one warning per interval and says how many it held back."""
+    """Logs at most one warning per interval and says how many it held back, by reason."""
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
         self._last = -math.inf
-        self._held_back = 0
+        self._held_back: Counter[str] = Counter()
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, reason: str = "other") -> None:
         now = time.monotonic()
         if now - self._last < self.interval_s:
-            self._held_back += 1
+            self._held_back[reason] += 1
             return
         if self._held_back:
-            message += f" ({self._held_back} similar warnings held back)"
+            reasons = ", ".join(f"{r} {n}" for r, n in self._held_back.most_common())
+            message += f" ({self._held_back.total()} more skipped since the last warning: {reasons})"
         logger.warning(message)
-        self._last, self._held_back = now, 0
+        self._last, self._held_back = now, Counter()
 
 
 _warn = _RateLimitedWarning(WARN_INTERVAL_S)
 
 
+class _Skips:
+    """What one stream skipped since its last batch: counts by reason, and each skip's shard and key."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.dropped: list[tuple[str, str, str, str]] = []
+
+    def add(self, reason: str, shard: str, key: str, detail: str) -> None:
+        self.counts[reason] += 1
+        self.dropped.append((shard, key, reason, detail))
+
+    def take(self) -> dict[str, Any]:
+        """`skipped` and `dropped` for the next batch; starts counting afresh."""
+        taken = {"skipped": dict(self.counts), "dropped": self.dropped}
+        self.counts, self.dropped = Counter(), []
+        return taken
+
+
 class _ShardErrorHandler:
     """webdataset's exception handler for shards that cannot be opened or read: count and go on."""
 
-    def __init__(self, skipped: Counter[str]) -> None:
-        self.skipped = skipped
+    def __init__(self, skips: _Skips) -> None:
+        self.skips = skips
 
     def __call__(self, exc: Exception) -> bool:
-        self.skipped["unreadable shard"] += 1
-        _warn(f"skipping (the rest of) a shard: {exc!r}")
+        # no key; webdataset puts the shard's url in the exception's text
+        self.skips.add("unreadable shard", "", "", repr(exc))
+        _warn(f"skipping (the rest of) a shard: {exc!r}", "unreadable shard")
         return True
 
 
@@ -194,8 +222,8 @@ class _StreamSpec:
 class _ShardStream(IterableDataset):
     """One pass over the shards, as batches; runs in each DataLoader worker.
 
-    After its last batch a worker yields `{"skipped": ...}` alone, so skips after that batch
-    still reach the main process (the loader absorbs it).
+    After its last batch a worker yields `{"skipped": ..., "dropped": ...}` alone, so skips after that
+    batch still reach the main process (the loader folds it into a batch).
     """
 
     def __init__(self, spec: _StreamSpec, seed: int) -> None:
@@ -205,25 +233,25 @@ class _ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        skipped: Counter[str] = Counter()
+        skips = _Skips()
         rng = random.Random(_mix_seed(self.seed, self.spec.rank, worker))
-        raw = wds.tarfile_samples(self._shards(worker, num_workers, rng), handler=_ShardErrorHandler(skipped))
+        raw = wds.tarfile_samples(self._shards(worker, num_workers, rng), handler=_ShardErrorHandler(skips))
         if self.spec.shuffle_buffer > 1:
             # shuffle encoded samples: a buffer of decoded float images would take GBs per worker
             raw = wds.shuffle(self.spec.shuffle_buffer, initial=min(100, self.spec.shuffle_buffer), rng=rng)(
                 raw
             )
-        samples = self._decoded(raw, skipped, rng)
+        samples = self._decoded(raw, skips, rng)
         batch: list[dict[str, Any]] = []
         for sample in samples:
             batch.append(sample)
             if len(batch) == self.spec.batch_size:
-                yield _collate(batch, skipped)
+                yield _collate(batch, skips)
                 batch = []
         if batch:
-            yield _collate(batch, skipped)
-        if skipped:
-            yield {"skipped": dict(skipped)}
+            yield _collate(batch, skips)
+        if skips.counts:
+            yield skips.take()
 
     def _shards(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict[str, str]]:
         urls = self.spec.urls
@@ -237,16 +265,15 @@ class _ShardStream(IterableDataset):
         return (dict(url=u) for u in mine)
 
     def _decoded(
-        self, raw_samples: Iterator[dict[str, Any]], skipped: Counter[str], rng: random.Random
+        self, raw_samples: Iterator[dict[str, Any]], skips: _Skips, rng: random.Random
     ) -> Iterator[dict[str, Any]]:
         for raw in raw_samples:
             try:
                 yield self._decode(raw, rng)
             except _SkipSample as skip:
-                skipped[skip.reason] += 1
-                _warn(
-                    f"skipping sample {raw.get('__key__')} in {raw.get('__url__')}: {skip.reason} {skip.detail}"
-                )
+                key, url = str(raw.get("__key__")), str(raw.get("__url__"))
+                skips.add(skip.reason, url, key, skip.detail)
+                _warn(f"skipping sample {key} in {url}: {skip.reason} {skip.detail}", skip.reason)
 
     def _decode(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         caption = caption_from(raw, self.spec.caption_key)
@@ -300,7 +327,18 @@ class _ShardStream(IterableDataset):
                     )
                 return image.convert("RGB")  # decodes fully: truncated files fail here
         except _DECODE_ERRORS as exc:
-            raise _SkipSample("unreadable image", f"({exc})") from exc
+            reason = _image_error(exc)
+            detail = f"({len(data)} bytes: {data[:16]!r}...)" if reason == "not an image" else f"({exc})"
+            raise _SkipSample(reason, detail) from exc
+
+
+def _image_error(exc: BaseException) -> str:
+    """The skip reason for an image PIL cannot read."""
+    if isinstance(exc, UnidentifiedImageError):  # no image format recognises the bytes
+        return "not an image"
+    if "truncated" in str(exc).lower():  # "image file is truncated", "Truncated File Read"
+        return "truncated image"
+    return "unreadable image"
 
 
 def _cond_image(raw: dict[str, Any], key: str) -> Image.Image:
@@ -342,15 +380,23 @@ def _moments(raw: dict[str, Any], key: str, what: str, why_missing: str) -> torc
     return torch.from_numpy(array.astype(np.float32, copy=False))
 
 
-def _collate(samples: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, Any]:
+def _collate(samples: list[dict[str, Any]], skips: _Skips) -> dict[str, Any]:
     tensors = [k for k in ("moments", "cond_moments", "image", "cond_image", "seg") if k in samples[0]]
-    batch = {
+    return {
         **{k: torch.stack([s[k] for s in samples]) for k in tensors},
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
-        "skipped": dict(skipped),
+        **skips.take(),
     }
-    skipped.clear()
+
+
+def _fold_skips(
+    batch: dict[str, Any], counts: Counter[str], dropped: list[tuple[str, str, str, str]]
+) -> dict[str, Any]:
+    """`batch` with the skips that came without a batch (workers' trailing items) added to its own."""
+    if counts:
+        batch["skipped"] = dict(Counter(batch["skipped"]) + counts)
+        batch["dropped"] = [*batch.get("dropped", []), *dropped]
     return batch
 
 
@@ -416,10 +462,24 @@ class ShardLoader:
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
+        # Each batch is held until the next item arrives, so that skips coming after it without a batch
+        # (a worker's trailing item) ride on it: none is lost after the last batch, nor when an
+        # `epoch_length` cut stops reading after some batch.
+        held: dict[str, Any] | None = None
+        counts: Counter[str] = Counter()
+        dropped: list[tuple[str, str, str, str]] = []
         for item in loader:
             self.skipped.update(item["skipped"])
-            if "key" in item:  # a batch (a trailing item holds only the skip counts)
-                yield item
+            if "key" not in item:  # a trailing item: only skips
+                counts.update(item["skipped"])
+                dropped += item.get("dropped", [])
+                continue
+            if held is not None:
+                yield _fold_skips(held, counts, dropped)
+                counts, dropped = Counter(), []
+            held = item
+        if held is not None:
+            yield _fold_skips(held, counts, dropped)
 
 
 def _check_conditioning(cond_image_key: str | None, seg_key: str | None, num_classes: int | None) -> None:

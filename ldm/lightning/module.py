@@ -14,6 +14,10 @@ training step of DESIGN.md's data flow:
     loss = mean(w(t) · |unet(z_t, t, c) - target|²),  target ε or v,  w = min-SNR-γ or 1
     EMA update of the UNet after each optimizer step (LDM's `model_ema.*`)
 
+Data samples the loader skipped are counted by reason on every rank from the batches' `skipped`, summed over
+ranks at each epoch's end, the run's end and checkpoints, logged as `data/skipped_samples` and summarised
+(ldm.lightning.data_report): `data, epoch 0: skipped 5 of 30 samples read: not an image 2, ...`.
+
 With `lora={rank, alpha, targets}` only low-rank adapters of the UNet train (ldm.lora); checkpoints hold
 them as `lora.adapters.*` (merged into the UNet when read), and train.py exports them as a kohya file.
 """
@@ -37,6 +41,7 @@ from ldm.checkpoint import (
     read_checkpoint,
 )
 from ldm.data.masks import random_masks
+from ldm.lightning.data_report import SkipCounts, summary
 from ldm.lightning.ema import EMA
 from ldm.lightning.resume import start_next_epoch_fresh
 from ldm.lora import UNetLoRA
@@ -45,6 +50,11 @@ from ldm.models.stable_diffusion import StableDiffusion, normalize_config, with_
 from ldm.sampling import apply_with_concat, semantic_condition
 
 log = logging.getLogger(__name__)
+
+
+# Epoch-level values every rank already holds: "synced" with max, which keeps them as they are (and keeps
+# Lightning from warning that epoch-level values are not reduced across devices).
+_SAME_ON_EVERY_RANK = {"on_step": False, "on_epoch": True, "sync_dist": True, "reduce_fx": "max"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,7 +126,11 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self._nonfinite_streak = 0
         self._skip_optimizer_step = False  # a non-finite loss in this accumulation window
         self._skip_scheduler_step = False
-        self.skipped_samples = 0  # data samples the loader dropped so far, all ranks together
+        # Data samples the loader skipped so far, all ranks together: a running total each step, exact
+        # at each epoch's end, the run's end and checkpoints, where `_skip_counts` sums the ranks' counts.
+        self.skipped_samples = 0
+        self._skip_counts = SkipCounts()
+        self._skipped_logged: int | None = None  # the exact total last logged at an epoch's end
         self._scale_measured = False
         self.stop_reason: str | None = None
         self._sharded = False
@@ -221,7 +235,10 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ldm_config"] = self.config
         checkpoint["scale_factor_measured"] = self._scale_measured
+        # Every rank runs this hook: all of them add their skip counts in (by reason, and samples read).
+        self._sync_skip_counts()
         checkpoint["skipped_samples"] = self.skipped_samples
+        checkpoint["data_counts"] = self._skip_counts.state_dict()
         # Every rank runs this hook but only rank 0 writes: gather each rank's stream into the file.
         state = self.generator.get_state()
         states = self.all_gather(state.to(self.device)) if self.trainer.world_size > 1 else state[None]
@@ -234,6 +251,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             self.config["scale_factor"] = checkpoint["ldm_config"]["scale_factor"]
             self._scale_measured = bool(checkpoint.get("scale_factor_measured", False))
         self.skipped_samples = int(checkpoint.get("skipped_samples", 0))
+        self._skip_counts.load_state_dict(checkpoint.get("data_counts"), self.skipped_samples)
         states = checkpoint.get("noise_generators", [])
         self._generator = None
         if self.global_rank < len(states):
@@ -348,9 +366,44 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         )
         # A running total: a per-batch count would be lost on the steps the loggers do not write.
         self.skipped_samples += int(skipped)
+        self._skip_counts.add(batch, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=z0.shape[0])
         return self._guard_nonfinite(loss, nonfinite > 0)
+
+    # -- data counts --------------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        self._skip_counts.start(self.trainer.default_root_dir, self.global_rank)
+
+    def on_train_epoch_start(self) -> None:
+        # Not called when a run resumes mid-epoch: that epoch's start comes from the checkpoint.
+        self._skip_counts.epoch_start = self._skip_counts.synced
+
+    def _sync_skip_counts(self) -> None:
+        """All ranks' skip counts into `_skip_counts.synced` and `skipped_samples`: every rank calls this."""
+        total = self._skip_counts.sync(self.trainer.world_size)
+        self.skipped_samples = total.total
+
+    def on_train_epoch_end(self) -> None:
+        self._sync_skip_counts()
+        epoch = self._skip_counts.end_epoch()
+        if not self._skip_counts.seen_counts:
+            return  # data that does not count skips
+        self.log("data/skipped_samples", float(self.skipped_samples), **_SAME_ON_EVERY_RANK)
+        self._skipped_logged = self.skipped_samples
+        self.log("data/samples_read", float(self._skip_counts.synced.read), **_SAME_ON_EVERY_RANK)
+        if self.trainer.is_global_zero and epoch.total:  # the run's end says it when none were skipped
+            log.info(summary(epoch, f"epoch {self.current_epoch}", self._skip_counts.list_dir))
+
+    def on_train_end(self) -> None:
+        self._sync_skip_counts()
+        if not self._skip_counts.seen_counts or not self.trainer.is_global_zero:
+            return
+        if self.skipped_samples != self._skipped_logged:  # not logged at an epoch's end: the loggers get it here
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"data/skipped_samples": float(self.skipped_samples)}, step=self.global_step)
+        log.info(summary(self._skip_counts.synced, "run total", self._skip_counts.list_dir))
 
     def _sum_over_ranks(self, *values: float) -> list[float]:
         """One all-reduce for the per-step numbers all ranks must agree on."""
