@@ -103,14 +103,20 @@ def test_last_links_to_the_newest_step_file_and_resume_follows_the_link(tmp_path
     assert_last_links_to(first, "step-0000006.ckpt")
     assert load_ckpt(first / "checkpoints" / "last.ckpt")["global_step"] == 6
 
-    # ckpt_path=last finds first/checkpoints/last.ckpt (a link) and trains on from step 6, in its own
-    # folder, keeping every step file (the default); the first run's files stay as they were
-    second = train_cli(tmp_path, "second", "trainer.max_steps=10", "ckpt_path=last")
-    assert step_files(second) == ["step-0000008.ckpt", "step-0000010.ckpt"]  # from 6 on, not from 0
-    assert_last_links_to(second, "step-0000010.ckpt")
-    assert load_ckpt(second / "checkpoints" / "last.ckpt")["global_step"] == 10
-    assert step_files(first) == ["step-0000004.ckpt", "step-0000006.ckpt"]
-    assert_last_links_to(first, "step-0000006.ckpt")
+    # ckpt_path=last finds first/checkpoints/last.ckpt (a link) and trains on from step 6 in the first run's
+    # folder (one run, one folder), top-k deleting the oldest files from its restored list of them
+    train_cli(tmp_path, "second", "trainer.max_steps=10", "ckpt_path=last", *BOUNDED)
+    assert step_files(first) == ["step-0000008.ckpt", "step-0000010.ckpt"]  # from 6 on, not from 0
+    assert_last_links_to(first, "step-0000010.ckpt")
+    assert load_ckpt(first / "checkpoints" / "last.ckpt")["global_step"] == 10
+
+    # resume_in_place=false: a branch in a folder of its own, keeping every step file (the default); the
+    # resumed run's files stay as they were
+    third = train_cli(tmp_path, "third", "trainer.max_steps=12", "ckpt_path=last", "resume_in_place=false")
+    assert step_files(third) == ["step-0000012.ckpt"]  # from 10 on
+    assert_last_links_to(third, "step-0000012.ckpt")
+    assert step_files(first) == ["step-0000008.ckpt", "step-0000010.ckpt"]
+    assert_last_links_to(first, "step-0000010.ckpt")
 
 
 def test_a_requeued_job_resumes_through_the_link_in_its_own_folder(

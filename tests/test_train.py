@@ -306,9 +306,11 @@ def test_resume_from_a_mid_run_checkpoint_continues_exactly(
     assert load_ckpt(cut)["global_step"] == n
 
     train(compose_train(tmp_path, [*common, f"ckpt_path={cut}"], output_dir="${paths.root}/resumed"))
+    # A run's newest checkpoint (last.ckpt) resumes in that run's folder; an older step file in a new one.
+    resumed = tmp_path / "runs" / ("first" if cut_by == "max_steps" else "resumed")
 
     a = load_ckpt(ckpts / f"step-{2 * n:07d}.ckpt")
-    b = load_ckpt(tmp_path / "runs" / "resumed" / "checkpoints" / f"step-{2 * n:07d}.ckpt")
+    b = load_ckpt(resumed / "checkpoints" / f"step-{2 * n:07d}.ckpt")
     assert a["global_step"] == b["global_step"] == 2 * n
     wa, wb = trained_tensors(a["state_dict"]), trained_tensors(b["state_dict"])
     assert any(k.startswith(("model_ema.", "lora.")) for k in wa) and wa.keys() == wb.keys()
@@ -577,10 +579,9 @@ def test_a_requeued_slurm_job_resumes_from_its_own_last_checkpoint(
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     train(compose_train(tmp_path, ["trainer.max_steps=3", *common]))
     assert load_ckpt(run_dir(tmp_path) / "checkpoints" / "last.ckpt")["global_step"] == 3
-    # the second attempt trained one step, from the first attempt's step 2
-    (second,) = [p for p in run_dir(tmp_path).glob("csv/version_*/metrics.csv") if p.parent.name != "version_0"]
-    with second.open() as f:
-        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")] == [2]
+    # the second attempt trained one step, from the first attempt's step 2, logging on in the same CSV
+    with (run_dir(tmp_path) / "csv" / "version_0" / "metrics.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")] == [0, 1, 2]
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a first attempt never resumes on its own
     assert requeued_resume_path(run_dir(tmp_path)) is None
     # last.ckpt links to a step file; one deleted by hand is an error, not a silent restart from step 0

@@ -103,5 +103,6 @@ def test_two_cpu_processes_split_shards_draw_own_noise_and_resume(tmp_path: Path
     assert [r["start_step"] for r in resumed] == [3, 3]
     # each rank picks up its own noise stream where it stopped
     assert [r["generator"] for r in resumed] == [digest(s) for s in saved["noise_generators"]]
-    (final,) = [p for p in tmp_path.glob("runs/default/*/checkpoints/last.ckpt") if p != last]
-    assert torch.load(final, map_location="cpu", weights_only=False)["global_step"] == 5
+    # resumed in its own run folder: the same last.ckpt, now at step 5, and no second run folder
+    assert list(tmp_path.glob("runs/default/*/checkpoints/last.ckpt")) == [last]
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 5

@@ -213,8 +213,10 @@ def precheck(config_name: str, args: list[str]) -> None:
         raise ConfigProblem("; ".join(problems))
 
 
-def run_cli(config_name: str, hydra_main: Any) -> None:
-    """A console entry point: the command line as typed (ldm.cli.overrides), checked here, then Hydra."""
+def run_cli(config_name: str, hydra_main: Any, extra_overrides: Any = None) -> None:
+    """A console entry point: the command line as typed (ldm.cli.overrides), checked here, then Hydra.
+    `extra_overrides(args) -> list[str]`, when given, adds overrides Hydra must see before it starts
+    (train.py: the run folder of a resumed run)."""
     import sys
 
     from ldm.cli.overrides import rewrite_argv
@@ -222,6 +224,8 @@ def run_cli(config_name: str, hydra_main: Any) -> None:
     sys.argv[1:] = rewrite_argv(sys.argv[1:])
     try:
         precheck(config_name, sys.argv[1:])
+        if extra_overrides is not None:
+            sys.argv[1:] = [*sys.argv[1:], *extra_overrides(sys.argv[1:])]
     except ConfigProblem as err:
         print(f"{config_name}.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

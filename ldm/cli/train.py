@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,8 +32,10 @@ if TYPE_CHECKING:  # imported where used: --help, --cfg job and config errors an
 log = logging.getLogger(__name__)
 
 # Lightning warnings that are expected here: the frozen first stage and text encoder are in eval mode
-# on purpose, and FLOPs per batch are not computed for the throughput monitor (samples/s still are).
-for message in (r".*module\(s\) in eval mode.*", r".*`flops_per_batch`.*", r".*LeafSpec.*"):
+# on purpose, and FLOPs per batch are not computed for the throughput monitor (samples/s still are). A run
+# resumed in its own folder finds its checkpoints directory full, as it should.
+for message in (r".*module\(s\) in eval mode.*", r".*`flops_per_batch`.*", r".*LeafSpec.*",
+                r"Checkpoint directory .* exists and is not empty.*"):
     warnings.filterwarnings("ignore", message=message)
 
 # Lightning decides when imported how its loggers print: with no handler on the root logger yet (as at
@@ -133,13 +137,142 @@ def requeued_resume_path(output_dir: Path) -> str | None:
     return str(last)
 
 
+def run_folder(ckpt: str | Path) -> Path | None:
+    """The run folder a checkpoint of ours lives in (`<run>/checkpoints/<file>`), or None."""
+    path = Path(ckpt).absolute()
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def resumes_in_place(ckpt: str | Path) -> Path | None:
+    """The run folder a resumed run continues in: the checkpoint's own, when it is that run's newest (its
+    `last.ckpt`, or the step file last.ckpt points at). Resuming an older step file of a run starts a new
+    folder, so the newer checkpoints and logs of that run are not overwritten."""
+    run = run_folder(ckpt)
+    if run is None:
+        return None
+    last = run / "checkpoints" / "last.ckpt"
+    try:
+        return run if last.exists() and Path(ckpt).resolve() == last.resolve() else None
+    except OSError:
+        return None
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The global step a checkpoint of ours was saved at: from its step file's name (last.ckpt links to
+    one), else from the file itself (memory-mapped: the weights are not read)."""
+    real = Path(path).resolve()
+    match = re.fullmatch(r"step-(\d+)\.ckpt", real.name)
+    if match:
+        return int(match.group(1))
+    try:
+        import torch
+
+        step = torch.load(real, map_location="cpu", mmap=True, weights_only=False).get("global_step")
+        return None if step is None else int(step)
+    except Exception:
+        return None
+
+
+def age(path: str | Path) -> str:
+    seconds = max(time.time() - Path(path).stat().st_mtime, 0)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return f"{int(seconds)} s ago"
+
+
+def slurm_run_folder(run_root: Path) -> Path | None:
+    """A requeued SLURM job's own run folder (it wrote SLURM_JOB_ID into `slurm_job_id` there)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+        return None
+    for marker in [*run_root.glob("*/slurm_job_id"), *run_root.glob("multirun-*/*/slurm_job_id")]:
+        try:
+            if marker.read_text().strip() == job:
+                return marker.parent
+        except OSError:
+            continue
+    return None
+
+
+def resume_overrides(args: list[str]) -> list[str]:
+    """`hydra.run.dir=` the folder of the run being resumed, so a resumed run continues in its own folder:
+    Hydra's train.log and this start's config (in `.hydra/resumed-<time>/`) land beside the earlier ones.
+    For `ckpt_path=last` (or a run's newest checkpoint), and for a requeued SLURM job."""
+    from ldm.cli.checks import NO_PRECHECK_FLAGS
+    from ldm.cli.overrides import hydra_quote
+
+    if any(a in NO_PRECHECK_FLAGS or a.startswith("--cfg") or a in ("-c", "--info") for a in args):
+        return []
+    keys = {a.partition("=")[0].lstrip("+~"): a.partition("=")[2] for a in args if "=" in a}
+    if "hydra.run.dir" in keys:  # chosen by the user, or by Lightning for a DDP rank it starts
+        return []
+    ckpt = keys.get("ckpt_path")
+    if not ckpt and not os.environ.get("SLURM_JOB_ID") or keys.get("resume_in_place") == "false":
+        return []
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ldm.cli.checks import CONF
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=[a for a in args if "=" in a and not a.startswith("-")])
+        run_root = Path(OmegaConf.select(cfg, "paths.root")) / str(cfg.run_name)
+        ckpt = cfg.get("ckpt_path")
+        if not cfg.get("resume_in_place", True):
+            return []
+    except Exception:
+        return []  # Hydra says what is wrong when it composes the same command line
+    run = None
+    if ckpt == "last":
+        newest = newest_last_checkpoint(run_root)
+        run = resumes_in_place(newest) if newest else None
+    elif ckpt:
+        run = resumes_in_place(ckpt) if Path(ckpt).is_file() else None
+    else:
+        folder = slurm_run_folder(run_root)
+        run = folder if folder is not None and (folder / "checkpoints" / "last.ckpt").is_file() else None
+    if run is None:
+        return []
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return [f"hydra.run.dir={hydra_quote(str(run))}", f"hydra.output_subdir=.hydra/resumed-{stamp}"]
+
+
+def describe_resume(ckpt_path: str, in_place: Path | None) -> str:
+    step = checkpoint_step(ckpt_path)
+    at = f"step {step}" if step is not None else "its step"
+    where = f"in its run folder {in_place}" if in_place else "in a new run folder"
+    return f"resuming from {ckpt_path} ({at}, saved {age(ckpt_path)}), {where}"
+
+
+class Interrupted(Exception):
+    """The run stopped early on a signal, with a checkpoint of the step it reached."""
+
+    def __init__(self, signal_name: str, step: int, max_steps: int | None, checkpoint: str | None):
+        self.signal_name, self.step, self.max_steps, self.checkpoint = signal_name, step, max_steps, checkpoint
+        of = f" of {max_steps}" if max_steps else ""
+        super().__init__(f"stopped by {signal_name} at step {step}{of}; saved {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        signum = getattr(signal, self.signal_name, None)
+        return 128 + int(signum) if signum is not None else 1
+
+
 def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[L.Callback]:
     callbacks = []
     for c in (cfg.get("callbacks") or {}).values():
         if c is None:
             continue
-        if not has_logger and str(c.get("_target_", "")).endswith("LearningRateMonitor"):
+        target = str(c.get("_target_", ""))
+        if not has_logger and target.endswith("LearningRateMonitor"):
             continue  # it has nowhere to write with logger=none, and Lightning would refuse to start
+        if target.endswith("ProgressBar") and not cfg.trainer.get("enable_progress_bar", True):
+            continue  # Lightning refuses a progress bar callback with enable_progress_bar=false
         callbacks.append(instantiate(c))
     return callbacks
 
@@ -155,11 +288,33 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
+def wandb_run_id(output_dir: Path) -> str:
+    """One wandb run id per run folder (kept in `<run>/wandb/run-id`): a resumed run logs to the same run."""
+    path = output_dir / "wandb" / "run-id"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        import secrets
+
+        run_id = secrets.token_hex(4)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+        return run_id
+
+
+def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list[Any]:
     loggers = []
     for c in (cfg.get("logger") or {}).values():
         if c is None:
             continue
+        target = str(c.get("_target_", ""))
+        if target.endswith("WandbLogger") and not c.get("id") and not c.get("version"):
+            with open_dict(c):
+                c.id = wandb_run_id(Path(cfg.paths.output_dir))
+                c.setdefault("resume", "allow")
+        if target.endswith("TensorBoardLogger") and resume_step is not None and "purge_step" not in c:
+            with open_dict(c):  # TensorBoard hides what the first start logged after the checkpoint
+                c.purge_step = resume_step + 1
         if str(c.get("_target_", "")).endswith("WandbLogger") and not c.get("offline"):
             online_mode = os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun")
             if online_mode and not wandb_has_credentials():
@@ -272,13 +427,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) or requeued_resume_path(output_dir)
+    resume_step = None
+    if ckpt_path:
+        in_place = resumes_in_place(ckpt_path) if cfg.get("resume_in_place", True) else None
+        if in_place is not None and in_place.resolve() != output_dir.resolve():
+            with open_dict(cfg):  # one run, one folder: checkpoints, logs and samples continue there
+                cfg.paths.output_dir = str(in_place)
+            output_dir = in_place
+        resume_step = checkpoint_step(ckpt_path)
+        log.info(describe_resume(ckpt_path, in_place))
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)  # a requeued job finds its own run folder by this
+        (output_dir / "slurm_job_id").write_text(os.environ["SLURM_JOB_ID"] + "\n")
     datamodule = instantiate(cfg.data)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("_target_", None)
     module = instantiate(cfg.module, model=model_cfg, _convert_="all")
     if cfg.module.get("init_from") and isinstance(getattr(module, "config", None), dict) and "unet" in module.config:
         check_resolution(module.config, cfg.data.get("resolution"), f"the model in init_from={cfg.module.init_from}")
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, resume_step)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     check_cached_latents(datamodule, module)
@@ -287,6 +454,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, callbacks=build_callbacks(cfg, bool(loggers)), logger=loggers or False, default_root_dir=str(output_dir)
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    from ldm.lightning.interrupt import SaveOnInterrupt
+
+    stopper = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt) and c.stopped_by), None)
     if getattr(module, "stop_reason", None):
         path = output_dir / "checkpoints" / "last-good.ckpt"
         trainer.save_checkpoint(path)
@@ -298,6 +468,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("LoRA weights: %s (sample.py ckpt=<base> lora=...)", output_dir / "lora.safetensors")
         if getattr(module, "train_text_encoder", False):
             log.warning("lora.safetensors holds the UNet's adapters only; the trained text encoder is in the checkpoint")
+    if stopper is not None:
+        raise Interrupted(stopper.stopped_by, trainer.global_step, trainer.max_steps if trainer.max_steps > 0 else None,
+                          stopper.checkpoint)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         log.info("finished at step %d: %s", trainer.global_step, metrics)
@@ -340,11 +513,20 @@ def explicit_prediction_type(cfg: DictConfig, overrides: list[str]) -> None:
                 cfg.prediction_type = value
 
 
+def resume_command(overrides: list[str]) -> str:
+    """The command that resumes this run in its folder: what was typed, with ckpt_path=last."""
+    import shlex
+
+    kept = [o for o in overrides if o.partition("=")[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir")
+            and not o.startswith("hydra.output_subdir=")]
+    return shlex.join(["python", "train.py", *kept, "ckpt_path=last"])
+
+
 def main() -> None:
     """The console entry point: the command line as typed (see ldm.cli.overrides), then Hydra."""
     from ldm.cli.checks import run_cli
 
-    run_cli("train", hydra_main)
+    run_cli("train", hydra_main, resume_overrides)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -357,6 +539,11 @@ def hydra_main(cfg: DictConfig) -> None:
     explicit_prediction_type(cfg, list(HydraConfig.get().overrides.task))
     try:
         train(cfg)
+    except Interrupted as err:
+        if int(os.environ.get("LOCAL_RANK") or 0) == 0 and int(os.environ.get("NODE_RANK") or 0) == 0:
+            print(f"train.py: {err}\n  resume with: {resume_command(list(HydraConfig.get().overrides.task))}",
+                  file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
     except NonFiniteLossError as err:
         print(f"train.py: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -96,6 +96,10 @@ class SampleImages(L.Callback):
             self.log_samples(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        from ldm.lightning.interrupt import interrupted_by
+
+        if interrupted_by(trainer):
+            return  # stopped on a signal: the checkpoint is written, and a preempted job has seconds left
         if self.sample_on_train_end and trainer.global_step != self._last_step:
             self.log_samples(trainer, pl_module)
 

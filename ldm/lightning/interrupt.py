@@ -1,0 +1,195 @@
+"""Save on interrupt: Ctrl-C (SIGINT), a preemption (SIGTERM) or a time-limit warning (SIGUSR1; SIGUSR2
+under submitit) finishes the optimizer step in flight, writes `last.ckpt`, and stops the run cleanly.
+
+The signal handler only takes note. At the end of the next optimizer step every rank asks the others
+(one small all-reduce, only in multi-process runs), so all ranks stop at the same step and write the
+checkpoint together (under FSDP each rank holds a shard of it). The checkpoint is written the way the
+run's ModelCheckpoint writes its step files (`step-NNNNNNN.ckpt`, complete on disk before `last.ckpt`
+points at it), so retention and `ckpt_path=last` treat it as any other. A second Ctrl-C exits at once.
+
+After a SIGUSR1 in a SLURM job (`#SBATCH --signal=USR1@90`) rank 0 requeues the job
+(`scontrol requeue`), as Lightning's own SLURM handling does; the requeued job resumes from that
+checkpoint in the same run folder (see ldm.cli.train). A handler that was there before (submitit's
+SIGUSR2 time-limit handler, which requeues the job) runs after the checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+def interrupted_by(trainer: Any) -> str | None:
+    """The signal that stopped this run early (`"SIGTERM"`, ...), or None."""
+    for callback in getattr(trainer, "callbacks", None) or []:
+        if isinstance(callback, SaveOnInterrupt) and callback.stopped_by:
+            return callback.stopped_by
+    return None
+
+
+class SaveOnInterrupt(L.Callback):
+    """Stop at the end of the current optimizer step when the process gets one of `signals`, with a
+    checkpoint of that step; `stopped_by`, `stopped_at` and `checkpoint` say what happened."""
+
+    def __init__(self, signals: list[str] | tuple[str, ...] = SIGNALS, requeue_on: list[str] | tuple[str, ...] = ("SIGUSR1",)):
+        unknown = [s for s in signals if not hasattr(signal, str(s))]
+        if unknown:
+            raise ValueError(f"SaveOnInterrupt: unknown signal(s) {unknown}; known: {list(SIGNALS)}")
+        self.signals = [str(s) for s in signals]
+        self.requeue_on = {str(s) for s in requeue_on}
+        self.requested: str | None = None  # a signal came; acted on at the next step boundary
+        self.stopped_by: str | None = None
+        self.stopped_at: int | None = None
+        self.checkpoint: str | None = None
+        self._previous: dict[int, Any] = {}
+        self._step_at_batch_start = -1
+        self._pid = os.getpid()  # data loader workers inherit the handler and must leave it to this process
+        self._rank = 0
+
+    # -- handlers ------------------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self._pid = os.getpid()
+        for name in self.signals:
+            signum = getattr(signal, name)
+            current = signal.getsignal(signum)
+            if current is not self._handle and signum not in self._previous:
+                self._previous[signum] = current
+            signal.signal(signum, self._handle)
+
+    def _restore(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a data loader worker: the training process decides (and stops the workers)
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            if name == "SIGINT":  # a second Ctrl-C: the user does not want to wait
+                if self._rank == 0:
+                    print("\ntrain.py: second interrupt: exiting now, without a checkpoint of this step", file=sys.stderr)
+                sys.stderr.flush()
+                os._exit(128 + signum)
+            return
+        self.requested = name
+        if self._rank != 0:
+            return
+        # print, not log: logging from a signal handler can deadlock on the handler's lock
+        how = " (Ctrl-C again to exit at once)" if name == "SIGINT" else ""
+        print(f"\ntrain.py: {name}: finishing this step, then saving a checkpoint{how}", file=sys.stderr, flush=True)
+
+    # -- Lightning hooks -----------------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        # Before the data loader workers start: forked with this handler, a worker ignores the terminal's
+        # Ctrl-C (which reaches the whole process group) instead of dying mid-epoch.
+        if stage == "fit":
+            self._rank = trainer.global_rank
+            self._install()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._install()  # again: Lightning set its own SIGTERM/SIGUSR1 handlers after `setup`
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # inside a gradient accumulation window (or a skipped step): not a step boundary
+        requested = self.requested is not None
+        if trainer.world_size > 1:  # the same decision on every rank, or some would wait in a collective
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            self._stop(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._restore()  # a Ctrl-C during the final sampling interrupts it, as usual
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self._restore()
+
+    # -- the stop ------------------------------------------------------------------------------------
+
+    def _stop(self, trainer: L.Trainer) -> None:
+        self.stopped_by = self.requested or "a signal on another rank"
+        self.stopped_at = trainer.global_step
+        self.checkpoint = save_now(trainer)
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            log.warning("%s at step %d: saved %s", self.stopped_by, trainer.global_step, self.checkpoint)
+        name = self.requested
+        if name in self.requeue_on:
+            requeue_slurm_job(trainer)
+        previous = self._previous.get(getattr(signal, name)) if name else None
+        if name not in ("SIGINT", "SIGTERM") and callable(previous):
+            # e.g. submitit's time-limit handler: it resubmits the job (and exits); the checkpoint is on disk
+            self._restore()
+            previous(getattr(signal, name), None)
+
+
+def save_now(trainer: L.Trainer) -> str:
+    """A checkpoint of this step, written as the run's ModelCheckpoint writes its step files, `last.ckpt`
+    pointing at it once complete. Called on every rank (the save is collective). Returns last.ckpt's path."""
+    ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    if ckpt is not None and hasattr(ckpt, "_save_topk_checkpoint") and hasattr(ckpt, "_save_last_checkpoint"):
+        if getattr(ckpt, "_last_global_step_saved", None) != trainer.global_step:
+            candidates = ckpt._monitor_candidates(trainer)
+            ckpt._save_topk_checkpoint(trainer, candidates)
+            if ckpt.save_last:
+                ckpt._save_last_checkpoint(trainer, candidates)
+        if ckpt.save_last and ckpt.dirpath:
+            return str(Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}")
+        return str(ckpt._last_checkpoint_saved or ckpt.dirpath)
+    # No ModelCheckpoint in this run (callbacks.checkpoint=null): last.ckpt in the run folder's checkpoints/.
+    target = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    partial = target.with_name(f".{target.name}.partial")
+    if trainer.is_global_zero:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(partial)
+    if trainer.is_global_zero:
+        os.replace(partial, target)
+    trainer.strategy.barrier("save_now")
+    return str(target)
+
+
+def requeue_slurm_job(trainer: L.Trainer) -> None:
+    """`scontrol requeue` this SLURM job (rank 0 only), as Lightning's SLURM auto-requeue does."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else os.environ.get("SLURM_JOB_ID")
+    if not job or not trainer.is_global_zero:
+        return
+    if not re.fullmatch(r"[0-9_]+", job):
+        log.warning("not a SLURM job id: %r; not requeued", job)
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("could not requeue SLURM job %s: %s", job, err)
+        return
+    if result.returncode == 0:
+        log.warning("requeued SLURM job %s: it resumes from the checkpoint just saved", job)
+    else:
+        log.warning("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
