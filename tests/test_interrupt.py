@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,15 +169,20 @@ def test_a_slurm_job_saves_on_its_time_limit_signal_requeues_and_resumes_in_its_
     assert step_of(folder / "checkpoints" / "last.ckpt") == step + 2
 
 
-def test_two_ddp_processes_stop_together_on_a_sigterm_to_rank_zero_and_resume(tmp_path: Path) -> None:
-    first = Run(tmp_path, "first", "trainer=ddp_cpu", "trainer.max_steps=100000")
+FSDP_ON_CPU = ("trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2")
+
+
+@pytest.mark.parametrize("strategy", [("trainer=ddp_cpu",), FSDP_ON_CPU], ids=["ddp", "fsdp"])
+def test_two_processes_stop_together_on_a_sigterm_to_rank_zero_and_resume(tmp_path: Path, strategy: tuple[str, ...]) -> None:
+    """DDP and FSDP (each rank holds a shard of the state: the checkpoint is written by all ranks together)."""
+    first = Run(tmp_path, "first", *strategy, "trainer.max_steps=100000")
     first.wait_for_step(2 * EVERY)
     first.proc.send_signal(signal.SIGTERM)  # rank 0 only: rank 1 learns it at the step's end
     assert first.finish() == 128 + signal.SIGTERM
     step = stopped_at(first.text(), "SIGTERM")
     (folder,) = run_folders(tmp_path)
     assert step_of(folder / "checkpoints" / "last.ckpt") == step
-    again = Run(tmp_path, "again", "trainer=ddp_cpu", f"trainer.max_steps={step + 2}", "ckpt_path=last")
+    again = Run(tmp_path, "again", *strategy, f"trainer.max_steps={step + 2}", "ckpt_path=last")
     assert again.finish() == 0, again.text()[-3000:]
     assert run_folders(tmp_path) == [folder]
     assert step_of(folder / "checkpoints" / "last.ckpt") == step + 2
