@@ -585,6 +585,16 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def _copy_as_new(src: Path, dst: Path) -> None:
+    """Folder `src` copied to `dst` as files we write: each gets a new file's permissions (the umask's), not
+    the source's mode as copytree gives (a 0600 or read-only tokenizer of another folder stayed so)."""
+    for folder, _, names in os.walk(src, followlinks=True):
+        target = dst / Path(folder).relative_to(src)
+        target.mkdir(exist_ok=True)
+        for name in names:
+            shutil.copyfile(Path(folder) / name, target / name)
+
+
 def save_ldm_file(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """An LDM single file: `.safetensors` (config in its metadata) or `.ckpt` ({"state_dict", "ldm_config"})."""
     path = Path(path)
@@ -703,7 +713,7 @@ def save_diffusers_folder(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype
             weights = tmp / component / f"{DIFFUSERS_WEIGHT_NAMES[component]}.safetensors"
             _save_safetensors(_cast(sd, dtype), weights, {"format": "pt"})
         if ckpt.tokenizer_dir:
-            shutil.copytree(ckpt.tokenizer_dir, tmp / "tokenizer")
+            _copy_as_new(Path(ckpt.tokenizer_dir), tmp / "tokenizer")
         else:
             write_clip_tokenizer(str(tmp / "tokenizer"), pad_token="!" if kind == "openclip" else "<|endoftext|>")
         (tmp / "scheduler").mkdir()
