@@ -133,11 +133,14 @@ def test_a_requeued_job_resumes_through_the_link_in_its_own_folder(
     assert load_ckpt(job / "checkpoints" / "last.ckpt")["global_step"] == 10
 
 
-def test_a_run_that_ends_before_its_first_step_file_writes_last_as_a_file(tmp_path: Path) -> None:
-    run = train_here(tmp_path, "short", "trainer.max_steps=1")
-    last = run / "checkpoints" / "last.ckpt"
-    assert step_files(run) == [] and last.is_file() and not last.is_symlink()
-    assert load_ckpt(last)["global_step"] == 1
+@pytest.mark.parametrize("steps", [1, 3])
+def test_a_run_that_ends_between_periodic_checkpoints_saves_its_final_step(tmp_path: Path, steps: int) -> None:
+    """max_steps not a multiple of every_n_train_steps (2 here): before its first step file (1), or mid-epoch
+    after one (3; 4 steps an epoch), where Lightning's link would point last.ckpt at step 2's file."""
+    run = train_here(tmp_path, "short", f"trainer.max_steps={steps}")
+    assert step_files(run)[-1] == f"step-{steps:07d}.ckpt"
+    assert_last_links_to(run, f"step-{steps:07d}.ckpt")
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == steps
 
 
 def compose_experiment(name: str, tmp_path: Path) -> Any:

@@ -43,14 +43,21 @@ def interrupted_by(trainer: Any) -> str | None:
 
 class SaveOnInterrupt(L.Callback):
     """Stop at the end of the current optimizer step when the process gets one of `signals`, with a
-    checkpoint of that step; `stopped_by`, `stopped_at` and `checkpoint` say what happened."""
+    checkpoint of that step; `stopped_by`, `stopped_at` and `checkpoint` say what happened. With
+    `save_at_end`, a run that ends between two periodic checkpoints also saves its final step."""
 
-    def __init__(self, signals: list[str] | tuple[str, ...] = SIGNALS, requeue_on: list[str] | tuple[str, ...] = ("SIGUSR1",)):
+    def __init__(
+        self,
+        signals: list[str] | tuple[str, ...] = SIGNALS,
+        requeue_on: list[str] | tuple[str, ...] = ("SIGUSR1",),
+        save_at_end: bool = True,
+    ):
         unknown = [s for s in signals if not hasattr(signal, str(s))]
         if unknown:
             raise ValueError(f"SaveOnInterrupt: unknown signal(s) {unknown}; known: {list(SIGNALS)}")
         self.signals = [str(s) for s in signals]
         self.requeue_on = {str(s) for s in requeue_on}
+        self.save_at_end = save_at_end
         self.requested: str | None = None  # a signal came; acted on at the next step boundary
         self.stopped_by: str | None = None
         self.stopped_at: int | None = None
@@ -124,6 +131,13 @@ class SaveOnInterrupt(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._restore()  # a Ctrl-C during the final sampling interrupts it, as usual
+        if self.stopped_by is not None or not self.save_at_end or getattr(pl_module, "stop_reason", None):
+            return
+        ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+        if ckpt is not None and trainer.global_step > 0 and getattr(ckpt, "_last_global_step_saved", None) != trainer.global_step:
+            # max_steps not a multiple of every_n_train_steps: Lightning would point last.ckpt (a link) at
+            # the previous step file, and the run's last steps would be lost
+            save_now(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
         self._restore()
