@@ -14,7 +14,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
@@ -237,3 +239,46 @@ def test_the_progress_bar_counts_steps_out_of_max_steps(tmp_path: Path) -> None:
     bar.train_progress_bar.close()
     assert not StepProgressBar().is_enabled  # pytest's stderr is not a terminal: StepLog's lines say it instead
     assert [format_duration(s) for s in (5, 272, 7300)] == ["5s", "4m32s", "2h01m"]
+
+
+class SignalAt(L.Callback):
+    """A test callback: this process sends itself `signal_name` at the end of optimizer step `step`."""
+
+    def __init__(self, step: int, signal_name: str):
+        self.step, self.signum = step, getattr(signal, signal_name)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_submitits_time_limit_handler_runs_after_the_checkpoint_is_written(tmp_path: Path) -> None:
+    """Under submitit (hydra/launcher=slurm) SIGUSR2 is its time-limit signal: its handler resubmits the job.
+    It must run after the step's checkpoint is on disk, so the requeued job resumes from it."""
+    from omegaconf import open_dict
+    from test_train import BARE, QUIET, compose_train
+
+    from ldm.cli.train import Interrupted, train
+
+    seen: list[int | None] = []
+
+    def submitit_handler(signum: int, frame: object) -> None:
+        last = next(tmp_path.glob("runs/run/checkpoints/last.ckpt"), None)
+        seen.append(step_of(last) if last else None)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        cfg = compose_train(tmp_path, ["trainer.max_steps=50", "callbacks.checkpoint.every_n_train_steps=1000",
+                                       *[o for o in BARE if "checkpoint" not in o], *QUIET])
+        with open_dict(cfg):
+            cfg.callbacks.signal_at = {"_target_": "test_interrupt.SignalAt", "step": 3, "signal_name": "SIGUSR2"}
+        try:
+            train(cfg)
+        except Interrupted as stopped:
+            # the signal comes after this step's check (callbacks run in order): the run stops at the next step
+            assert (stopped.signal_name, stopped.step, stopped.exit_code) == ("SIGUSR2", 4, 128 + signal.SIGUSR2)
+        else:
+            raise AssertionError("the run did not stop on SIGUSR2")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [4]
