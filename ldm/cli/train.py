@@ -418,12 +418,27 @@ def check_conditioning_data(datamodule: Any, module: Any) -> None:
         )
 
 
+def enable_validation(cfg: DictConfig) -> None:
+    """With `data.val_shards`, `val/loss` every `trainer.val_check_interval` steps (500 unless given) over
+    all of them (`trainer.limit_val_batches=N` caps it); without, no validation loop at all."""
+    if not cfg.data.get("val_shards"):
+        return
+    with open_dict(cfg):
+        if not cfg.trainer.get("limit_val_batches"):
+            cfg.trainer.limit_val_batches = 1.0
+        cfg.trainer.val_check_interval = int(cfg.trainer.get("val_check_interval") or 500)
+        cfg.trainer.check_val_every_n_epoch = None  # by steps: a stream's epochs have no known length
+    log.info("validation: val/loss on data.val_shards every %d steps (trainer.val_check_interval)",
+             cfg.trainer.val_check_interval)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured module; returns the final logged metrics."""
     L = import_lightning()
     from ldm.lightning.module import NonFiniteLossError
 
     check_config(cfg)
+    enable_validation(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) or requeued_resume_path(output_dir)

@@ -25,7 +25,8 @@ them as `lora.adapters.*` (merged into the UNet when read), and train.py exports
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -370,6 +371,44 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=z0.shape[0])
         return self._guard_nonfinite(loss, nonfinite > 0)
+
+    # -- validation loss ----------------------------------------------------------------------------
+
+    VAL_SEED = 1_000_003
+
+    @contextmanager
+    def _validation_draws(self, batch_idx: int) -> Iterator[None]:
+        """Noise, timesteps, latent samples and masks of validation batch `batch_idx` from a generator of
+        their own, seeded by (rank, batch): the same at every validation, so `val/loss` moves only with the
+        weights; the training stream is left where it was. No caption or image dropout."""
+        generator = torch.Generator(device=self.device).manual_seed(self.VAL_SEED + 7919 * self.global_rank + batch_idx)
+        saved = self._generator, self.caption_dropout, self.image_dropout, self.scale_by_std
+        self._generator, self.caption_dropout, self.image_dropout, self.scale_by_std = generator, 0.0, 0.0, False
+        try:
+            yield
+        finally:
+            self._generator, self.caption_dropout, self.image_dropout, self.scale_by_std = saved
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """The training loss on `data.val_shards` (EMA weights when present), at fixed noise and timesteps."""
+        with self._validation_draws(batch_idx), torch.no_grad():
+            z0 = self._latents(batch)
+            concat, captions = self._concat_and_captions(batch, z0)
+            context = self.encode_text(captions)
+            loss = self.diffusion_loss(z0, context if concat is None else {"crossattn": context, "concat": concat})
+        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=z0.shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._validation_ema = None
+        if self.model_ema is not None:
+            self._validation_ema = self.model_ema.swapped_into(self.model)
+            self._validation_ema.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        swapped, self._validation_ema = getattr(self, "_validation_ema", None), None
+        if swapped is not None:
+            swapped.__exit__(None, None, None)  # the trained weights again
 
     # -- data counts --------------------------------------------------------------------------------
 
