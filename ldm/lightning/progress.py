@@ -37,8 +37,8 @@ def total_steps(trainer: L.Trainer) -> int | None:
 
 class StepProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, counting optimizer steps out of `max_steps` across epochs (streamed data
-    has no known epoch length: the stock bar showed `Epoch 55/-2`). Shown only on a terminal; in a
-    file StepLog's lines say the same."""
+    has no known epoch length: the stock bar showed `Epoch 55/-2`), its loss and lr refreshed every
+    `log_every_n_steps`. Shown only on a terminal; in a file StepLog's lines say the same."""
 
     def __init__(self, refresh_rate: int = 1, leave: bool = False, only_on_terminal: bool = True):
         super().__init__(refresh_rate=refresh_rate, leave=leave)
@@ -62,7 +62,9 @@ class StepProgressBar(TQDMProgressBar):
             return
         self._shown = step
         _update_n(bar, step)
-        bar.set_postfix(self.get_metrics(trainer, pl_module))
+        if step % max(int(trainer.log_every_n_steps), 1) == 0:
+            # Reading the logged loss copies it from the device (a host sync): every log_every_n_steps, not every step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self.train_progress_bar is not None and not self.train_progress_bar.disable:
