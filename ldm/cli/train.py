@@ -95,7 +95,13 @@ def demo_variant(concat: str | None) -> str:
     return variants[concat]
 
 
+def on_gpu(accelerator: str) -> bool:
+    """`${on_gpu:${trainer.accelerator}}`: GPU-only speed options (compile, channels-last) follow the trainer."""
+    return str(accelerator) not in ("cpu", "mps")
+
+
 OmegaConf.register_new_resolver("latest_ckpt", latest_checkpoint, replace=True)
+OmegaConf.register_new_resolver("on_gpu", on_gpu, replace=True)
 OmegaConf.register_new_resolver("demo_variant", demo_variant, replace=True)
 OmegaConf.register_new_resolver("gpus_per_node", gpus_per_node, replace=True)
 

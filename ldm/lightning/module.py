@@ -58,6 +58,14 @@ log = logging.getLogger(__name__)
 _SAME_ON_EVERY_RANK = {"on_step": False, "on_epoch": True, "sync_dist": True, "reduce_fx": "max"}
 
 
+def plain_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with channels-last (or otherwise strided) tensors made contiguous, in place."""
+    for key, value in state.items():
+        if isinstance(value, Tensor) and not value.is_contiguous():
+            state[key] = value.contiguous()
+    return state
+
+
 class NonFiniteLossError(RuntimeError):
     """Training stopped after too many consecutive non-finite losses."""
 
@@ -84,6 +92,8 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         lora: dict[str, Any] | None = None,
         prediction_type: str | None = None,
         force_prediction_type: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
     ):
         model = dict(model)
         model.pop("_target_", None)
@@ -122,6 +132,8 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self.seed = seed
         self.scale_by_std = scale_by_std
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.compile_unet = compile  # torch.compile the UNet when fitting starts (after any sharding)
+        self.channels_last = channels_last
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self._nonfinite_streak = 0
@@ -205,6 +217,16 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         shard_latent_diffusion(self, mesh["data_parallel"])
         self._sharded = True
 
+    def on_fit_start(self) -> None:
+        """GPU speed options: channels-last UNet weights and inputs, and torch.compile of the UNet, in
+        place (`Module.compile`), so its state_dict keys stay the LDM names. Compiled after configure_model,
+        so a sharded (FSDP2) UNet compiles as sharded."""
+        unet = self.model.diffusion_model
+        if self.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if self.compile_unet and getattr(unet, "_compiled_call_impl", None) is None:
+            unet.compile()
+
     def train(self, mode: bool = True) -> LatentDiffusion:
         # Whoever switches the module back to training (the sampling callbacks) leaves the frozen parts in eval.
         super().train(mode)
@@ -235,6 +257,8 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ldm_config"] = self.config
+        if self.channels_last:  # files hold plain contiguous tensors (safetensors refuses others)
+            plain_tensors(checkpoint.get("state_dict") or {})
         checkpoint["scale_factor_measured"] = self._scale_measured
         # Every rank runs this hook: all of them add their skip counts in (by reason, and samples read).
         self._sync_skip_counts()
@@ -320,6 +344,8 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         return torch.cat([F.interpolate(masks, size=z0.shape[-2:]), self.scale_factor * masked], dim=1)
 
     def _network(self, z_t: Tensor, t: Tensor, context: Tensor | dict[str, Tensor]) -> Tensor:
+        if self.channels_last:
+            z_t = z_t.contiguous(memory_format=torch.channels_last)
         if isinstance(context, dict):  # {"crossattn": ..., "concat": ...}: concat joins z_t's channels
             return apply_with_concat(self, z_t, t, context)
         return self.apply_model(z_t, t, context)
