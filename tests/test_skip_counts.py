@@ -23,12 +23,12 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from test_train import BARE, QUIET, column, compose_train, load_ckpt, metrics, run_dir
 
 from ldm.cli.train import train
 from ldm.data import webdataset as wdm
 from ldm.data.synthetic import random_sample
 from ldm.lightning.data_report import LIST_DIR, Counts, summary
-from tests.test_train import BARE, QUIET, column, compose_train, load_ckpt, metrics, run_dir
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD_PER_SHARD = 4  # two batches of 2: every malformed sample comes after a worker's last batch
@@ -208,7 +208,7 @@ def test_two_ddp_ranks_add_up_their_skips(tmp_path: Path) -> None:
         "data.epoch_length=2",
         *web_overrides(f"{tmp_path}/shards", 1),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     run = tmp_path / "runs" / "run"

@@ -72,12 +72,12 @@ def train_ddp(
         "+data.epoch_length=8",
         "callbacks.sample_images.steps=2",
         "callbacks.throughput=null",
-        "+callbacks.probe._target_=tests.test_train_ddp.RankProbe",
+        "+callbacks.probe._target_=test_train_ddp.RankProbe",
         f"+callbacks.probe.out={tmp_path}/probe",
         f"+callbacks.probe.tag={tag}",
         *overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((tmp_path / "probe" / f"{tag}-rank{r}.json").read_text()) for r in range(2)]

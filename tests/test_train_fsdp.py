@@ -13,16 +13,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from test_train_ddp import train_ddp
 
 from ldm.checkpoint import load_model
-from tests.test_train_ddp import train_ddp
 
 FSDP_ON_CPU = ("trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true")
 COMMON = (
     "++data.epoch_length=2",
     "module.train_text_encoder=true",
     "callbacks.sample_images.every_n_steps=2",
-    "+callbacks.poison._target_=tests.test_train_fsdp.PoisonLoss",
+    "+callbacks.poison._target_=test_train_fsdp.PoisonLoss",
     "+callbacks.poison.steps=[1]",
 )
 

@@ -40,15 +40,29 @@ class EMA(nn.Module):
                 self.names[name] = buffer_name
                 self.register_buffer(buffer_name, p.detach().clone().float())
 
+    # `decay` and `num_updates` are buffers (saved under LDM's names) that live on the device; reading them
+    # every step would stall the GPU, so the host keeps copies: read once, after any load of the buffers.
+    _host: tuple[int, float] | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._host = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _host_counters(self) -> tuple[int, float]:
+        if self._host is None:
+            self._host = (int(self.num_updates), float(self.decay))
+        return self._host
+
     def current_decay(self) -> float:
         """LDM's warm-up: early averages forget fast, so the EMA is not stuck near the random init."""
-        n = int(self.num_updates)
-        decay = float(self.decay)
+        n, decay = self._host_counters()
         return min(decay, (1 + n) / (10 + n)) if self.warmup else decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.num_updates += 1
+        n, decay_setting = self._host_counters()
+        self._host = (n + 1, decay_setting)
+        self.num_updates.fill_(n + 1)  # a write from the host: no device read
         decay = self.current_decay()
         params = dict(model.named_parameters())
         shadows = [_local(getattr(self, b)) for b in self.names.values()]

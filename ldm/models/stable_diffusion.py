@@ -226,8 +226,11 @@ class StableDiffusion(nn.Module):
         return self.model.diffusion_model
 
     def encode_text(self, prompts: list[str]) -> Tensor:
-        tokens = self.cond_stage_model.tokenize(prompts).to(self.device_of_text())
-        return self.cond_stage_model.encode(tokens)
+        tokens = self.cond_stage_model.tokenize(prompts)
+        device = self.device_of_text()
+        if device.type == "cuda":  # from pinned memory the copy does not wait for the GPU to drain
+            tokens = tokens.pin_memory().to(device, non_blocking=True)
+        return self.cond_stage_model.encode(tokens.to(device))
 
     def device_of_text(self) -> torch.device:
         return next(self.cond_stage_model.parameters()).device

@@ -38,8 +38,9 @@ from torch.utils.checkpoint import checkpoint
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps: `[cos(t f), sin(t f)]`, B×dim."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = timesteps[:, None].float() * freqs.to(timesteps.device)[None]
+    # built where the timesteps are: a CPU tensor copied to the GPU at every call would be a blocking copy
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(embedding, (0, dim % 2))
 
