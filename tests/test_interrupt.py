@@ -128,6 +128,9 @@ def test_interrupted_runs_save_their_step_and_resume_in_their_own_folder(tmp_pat
     steps = logged_steps(folder)  # every log_every_n_steps, never twice, never a gap, to the end
     assert steps[0] < EVERY and steps[-1] >= end - EVERY
     assert all(0 < b - a <= EVERY for a, b in zip(steps, steps[1:], strict=False)), steps
+    with (folder / "csv" / "version_0" / "metrics.csv").open() as f:  # images/s, measured without a device sync
+        rates = [float(r["throughput/images_per_sec"]) for r in csv.DictReader(f) if r.get("throughput/images_per_sec")]
+    assert len(rates) >= len(steps) - 3 and all(r > 0 for r in rates)
     assert (folder / ".hydra" / "config.yaml").is_file() and len(list((folder / ".hydra").glob("resumed-*"))) == 2
     assert_world_readable(folder)  # files we write have the permissions of the user's umask (022)
 

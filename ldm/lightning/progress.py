@@ -89,7 +89,8 @@ def format_duration(seconds: float) -> str:
 
 class StepLog(L.Callback):
     """A plain line every `every_n_steps` optimizer steps (default: trainer.log_every_n_steps) on rank 0:
-    step/max, loss, learning rate, images/s (all ranks), ETA and skipped samples. The lines go to
+    step/max, loss, learning rate, images/s (all ranks; also logged as `throughput/images_per_sec`), ETA
+    and skipped samples. The lines go to
     `train.log` in the run folder always, and to the console when stdout is not a terminal (`console:
     true|false` decides otherwise)."""
 
@@ -105,6 +106,7 @@ class StepLog(L.Callback):
         self._last: tuple[float, int] = (0.0, 0)
         self._rate: float | None = None  # seconds per step, recent
         self._step_at_batch_start = -1
+        self.images_per_s: float | None = None  # all ranks together, over the last interval
 
     # -- where the lines go --------------------------------------------------------------------------
 
@@ -162,12 +164,16 @@ class StepLog(L.Callback):
         if step == self._step_at_batch_start or step % every:
             return
         self.emit(self.line(trainer, pl_module))
+        if self.images_per_s is not None:  # measured without a device sync (Lightning's ThroughputMonitor syncs every batch)
+            for logger in trainer.loggers:
+                logger.log_metrics({"throughput/images_per_sec": self.images_per_s}, step=step)
 
     def line(self, trainer: L.Trainer, pl_module: Any) -> str:
         now, step = time.monotonic(), trainer.global_step
         then, before = self._last
         elapsed, steps = now - then, step - before
         images_per_s = self._images / elapsed if elapsed > 0 else float("nan")
+        self.images_per_s = images_per_s if math.isfinite(images_per_s) else None
         if steps > 0 and elapsed > 0:
             per_step = elapsed / steps
             self._rate = per_step if self._rate is None else 0.5 * self._rate + 0.5 * per_step
