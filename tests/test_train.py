@@ -274,9 +274,8 @@ def test_resume_from_a_mid_run_checkpoint_continues_exactly(
     was killed after its step-N checkpoint, or finished with max_steps=N and is trained on from its
     last.ckpt (which Lightning writes with the ended epoch's batch count still set).
 
-    A shard stream has no position to save (ldm/data/webdataset.py): each pass is shuffled from
-    (seed, global step at its start), so a mid-epoch resume reads a new order. The cut is at an epoch
-    boundary, N = 4 steps = one epoch of 16 samples in batches of 4, with and without `epoch_length`.
+    The cut is at an epoch boundary, N = 4 steps = one epoch of 16 samples in batches of 4, with and
+    without `epoch_length`; cuts inside an epoch are in test_midepoch_resume.py.
     """
     n = 4
     if "LORA_BASE" in model:  # LoRA trains from given weights: a fresh UNet's zero output layer passes no gradient

@@ -41,18 +41,34 @@ batch: a worker's skips after its last batch come as a `{"skipped", "dropped"}`-
 loader folds into the batch it yields next (it holds each batch until the next item arrives, so skips at
 the very end of a pass ride on its last batch). Whatever trains on the batches sees every skip among the
 samples read before its last batch, for any number of workers (LatentDiffusion sums them over ranks and
-reports them at each epoch's end). `WebDataModule.skipped_samples` adds up, in the main process, what
-this process's loaders received (training and validation).
+reports them at each epoch's end). `WebDataModule.skipped_samples` adds up, in the main process, the
+skips of the batches this process's loaders handed out (training and validation).
 
-Resume: a stream has no position to save. Each pass over the data is shuffled with a seed drawn
-from (`seed`, the trainer's global step when the pass starts), so a run resumed at an epoch boundary sees
-the same order as an uninterrupted one, and one resumed mid-epoch restarts the stream with a new
-order (samples seen just before the stop may come again). `state_dict` keeps this process's skip counts.
+Resume is exact at any step, mid-epoch included, for any number of workers and ranks. Each pass over the
+data is shuffled with a seed drawn from (`seed`, the trainer's global step when the epoch's stream starts,
+the pass's number within the epoch), and each DataLoader worker's stream has a position it can go on from
+(`_WorkerStream`): its generator's state (shuffle picks, and shard draws when `resampled`), the shard and
+sample it has read up to, and the places (shard, sample number) of the samples in its shuffle buffer. Crops
+and flips are drawn per sample, from (pass seed, rank, worker, the sample's number), so none has to be
+replayed. Every training batch carries the position after it (`stream_position`: the pass, the epoch's
+batches so far, whose turn it is among the workers, every worker's position), which `on_before_batch_transfer`
+takes out as the batch reaches the model, so `state_dict` saves the position after the last batch trained
+on (not the ones read ahead), gathered from every rank into the checkpoint, with the skip counts up to that
+batch. Resumed from a checkpoint written mid-epoch (a step file, the last.ckpt of an interrupt, a run ended by
+max_steps), each rank's loader re-creates that pass and every worker goes on from its position: it reads
+again the shards holding samples of its shuffle buffer (up to the last one it needs) and its current shard up
+to where it was, without decoding any of them, so a resume reads the bytes of a few shards per worker
+(those the last ~shuffle_buffer·ln(shuffle_buffer) samples came from, at worst); the DataLoader starts at the
+worker whose turn it was. The resumed run then reads the samples the uninterrupted run reads, in its order,
+with the same crops, flips and skip counts. Checkpoints grow by about 16 bytes per buffered sample per worker
+per rank. The saved position is used only with the same shards, ranks, workers, batch size, shuffle buffer,
+`resampled`, `epoch_length` and seed; otherwise a warning says so and the resumed epoch reads a new order.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import json
 import logging
@@ -60,8 +76,8 @@ import math
 import os
 import random
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -184,13 +200,14 @@ class _Skips:
 class _ShardErrorHandler:
     """webdataset's exception handler for shards that cannot be opened or read: count and go on."""
 
-    def __init__(self, skips: _Skips) -> None:
-        self.skips = skips
+    def __init__(self, skips: _Skips, quiet: bool = False) -> None:
+        self.skips, self.quiet = skips, quiet
 
     def __call__(self, exc: Exception) -> bool:
         # no key; webdataset puts the shard's url in the exception's text
         self.skips.add("unreadable shard", "", "", repr(exc))
-        _warn(f"skipping (the rest of) a shard: {exc!r}", "unreadable shard")
+        if not self.quiet:
+            _warn(f"skipping (the rest of) a shard: {exc!r}", "unreadable shard")
         return True
 
 
@@ -219,61 +236,217 @@ class _StreamSpec:
     num_classes: int | None = None
 
 
+def _tar_samples(url: str, handler: _ShardErrorHandler) -> Generator[dict[str, Any], None, None]:
+    """The samples of one shard, in order (each tagged `__url__`; webdataset groups members by key)."""
+    return wds.tarfile_samples(iter([{"url": url}]), handler=handler)  # type: ignore[return-value]
+
+
+class _WorkerStream:
+    """One DataLoader worker's raw (undecoded) samples in one pass, with a position it can save and go on from.
+
+    Samples come shard after shard, each tagged with its place (the shard's number in this worker's sequence
+    of shards, its number in the shard), then through a shuffle buffer (webdataset's algorithm: fill to 100,
+    then pick at random from up to `shuffle_buffer`). One numpy PCG64 generator, seeded per pass, rank and
+    worker, draws the picks (and the shards, when resampled). `state()`, taken between two samples, is all
+    that decides what follows: that generator's state, the places of the samples in the buffer, the place
+    reached upstream. `restore(state)` reads the buffered samples back and skips the current shard's first
+    members, so it reads at most the shards the buffer holds samples of, and decodes nothing.
+    """
+
+    def __init__(self, spec: _StreamSpec, seed: int, worker: int, num_workers: int, skips: _Skips) -> None:
+        self.spec, self.worker, self.skips = spec, worker, skips
+        self.rng = np.random.Generator(np.random.PCG64(_mix_seed(seed, spec.rank, worker)))
+        self.augment_seed = _mix_seed(seed, spec.rank, worker, 1)
+        self.urls = None if spec.resampled else self._shard_list(seed, worker, num_workers)
+        self.shard, self.member, self.url = -1, 0, ""  # the shard being read and how many samples it gave
+        self.exhausted = False
+        self.taken = 0  # samples taken out of the shuffle buffer (decoded or skipped)
+        self.buffer: list[dict[str, Any]] = []
+        self._current: Generator[dict[str, Any], None, None] | None = None
+
+    def _shard_list(self, seed: int, worker: int, num_workers: int) -> list[str]:
+        urls = self.spec.urls
+        if self.spec.shuffle_buffer > 1:
+            # the same seed on every rank, so the split below stays disjoint
+            urls = random.Random(seed).sample(urls, len(urls))
+        return urls[self.spec.rank :: self.spec.world_size][worker::num_workers]
+
+    def augment_rng(self) -> random.Random:
+        """The crop and flip draws of the sample just taken: its own generator, so a stream that goes on
+        from a saved position draws what the uninterrupted one draws, without replaying earlier samples."""
+        if not (self.spec.random_crop or self.spec.random_flip):
+            return _NO_DRAWS
+        return random.Random(_mix_seed(self.augment_seed, self.taken))
+
+    def samples(self) -> Iterator[dict[str, Any]]:
+        """Raw samples, shuffled; `state()` between two of them says where the stream stands."""
+        for sample in self._shuffled():
+            self.taken += 1
+            yield sample
+
+    def _shuffled(self) -> Iterator[dict[str, Any]]:
+        size = self.spec.shuffle_buffer
+        if size <= 1:
+            while (sample := self._next_raw()) is not None:
+                yield sample
+            return
+        # webdataset's shuffle, over `self.buffer` so that its contents are part of the state; of encoded
+        # samples: a buffer of decoded float images would take GBs per worker
+        initial, buf = min(100, size), self.buffer
+        while (sample := self._next_raw()) is not None:
+            buf.append(sample)
+            if len(buf) < size and (extra := self._next_raw()) is not None:
+                buf.append(extra)
+            if len(buf) >= initial:
+                yield self._pick()
+        while buf:
+            yield self._pick()
+
+    def _pick(self) -> dict[str, Any]:
+        k = int(self.rng.integers(len(self.buffer)))
+        sample = self.buffer[k]
+        self.buffer[k] = self.buffer[-1]
+        self.buffer.pop()
+        return sample
+
+    def _next_raw(self) -> dict[str, Any] | None:
+        while not self.exhausted:
+            if self._current is None and not self._open(self.shard + 1):
+                self.exhausted = True
+                break
+            assert self._current is not None
+            sample = next(self._current, None)
+            if sample is None:
+                self._current = None
+                continue
+            sample["__place__"] = (self.shard, self.member)
+            self.member += 1
+            return sample
+        return None
+
+    def _open(self, index: int) -> bool:
+        if self.urls is None:  # resampled: each rank and worker draws its own endless sequence of shards
+            url = self.spec.urls[int(self.rng.integers(len(self.spec.urls)))]
+        elif index < len(self.urls):
+            url = self.urls[index]
+        else:
+            return False
+        self.shard, self.member, self.url = index, 0, url
+        self._current = _tar_samples(url, _ShardErrorHandler(self.skips))
+        return True
+
+    def state(self) -> dict[str, Any]:
+        places = [sample["__place__"] for sample in self.buffer]
+        return {
+            "worker": self.worker,
+            "rng": self.rng.bit_generator.state,
+            "taken": self.taken,
+            "shard": self.shard,
+            "member": self.member,
+            "url": self.url,
+            "open": self._current is not None,
+            "exhausted": self.exhausted,
+            "buffer": torch.tensor(places, dtype=torch.int64).reshape(-1, 2),
+            "buffer_urls": {place[0]: sample["__url__"] for place, sample in zip(places, self.buffer, strict=True)},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on from `state()` of an earlier run of this same stream (same pass seed, rank and worker)."""
+        self.rng.bit_generator.state = state["rng"]
+        self.taken, self.exhausted = int(state["taken"]), bool(state["exhausted"])
+        self.shard, self.member, self.url = int(state["shard"]), int(state["member"]), str(state["url"])
+        places = [(int(s), int(m)) for s, m in state["buffer"].tolist()]
+        wanted: dict[int, set[int]] = {}
+        for shard, member in places:
+            wanted.setdefault(shard, set()).add(member)
+        found: dict[tuple[int, int], dict[str, Any]] = {}
+        # what reading again finds wrong with a shard was counted (and warned about) when it was first read
+        quiet = _ShardErrorHandler(_Skips(), quiet=True)
+        complete = True
+        for shard in sorted(wanted):
+            if state["open"] and shard == self.shard:
+                continue  # read below, on the way to the upstream position
+            samples = _tar_samples(state["buffer_urls"][shard], quiet)
+            complete &= _collect(samples, shard, wanted[shard], found, max(wanted[shard]) + 1)
+            samples.close()
+        if state["open"]:
+            handler = _ShardErrorHandler(_Skips(), quiet=True)
+            current = _tar_samples(self.url, handler)
+            complete &= _collect(current, self.shard, wanted.get(self.shard, set()), found, self.member)
+            handler.skips, handler.quiet = self.skips, False  # from here on the shard is read for the first time
+            self._current = current
+        self.buffer = [found[place] for place in places if place in found]
+        if not complete or len(self.buffer) < len(places):
+            logger.warning(
+                "resuming the data stream of rank %d, worker %d: a shard holds fewer samples than when it was "
+                "read (%d of %d buffered samples found); the shards changed since the checkpoint, so the order "
+                "differs from the uninterrupted run's",
+                self.spec.rank, self.worker, len(self.buffer), len(places),
+            )
+
+
+def _collect(
+    samples: Iterator[dict[str, Any]],
+    shard: int,
+    members: set[int],
+    found: dict[tuple[int, int], dict[str, Any]],
+    count: int,
+) -> bool:
+    """Read `count` samples of a shard, keeping `members` (by number) in `found`; False if it ends first."""
+    for member in range(count):
+        sample = next(samples, None)
+        if sample is None:
+            return False
+        if member in members:
+            sample["__place__"] = (shard, member)
+            found[(shard, member)] = sample
+    return True
+
+
+_NO_DRAWS = random.Random(0)  # handed to plan_crop when neither crop nor flip is random: never drawn from
+_STATE = "__stream_state__"  # a worker's item -> the loader: the worker's position after it
+
+
 class _ShardStream(IterableDataset):
     """One pass over the shards, as batches; runs in each DataLoader worker.
 
     After its last batch a worker yields `{"skipped": ..., "dropped": ...}` alone, so skips after that
-    batch still reach the main process (the loader folds it into a batch).
+    batch still reach the main process (the loader folds it into a batch). Every item also carries the
+    worker's position after it (`_STATE`, taken out by the loader). `rotation` and `starts` resume a pass:
+    DataLoader worker i plays the pass's worker (i + rotation) % num_workers, from `starts[that worker]`.
     """
 
-    def __init__(self, spec: _StreamSpec, seed: int) -> None:
+    def __init__(
+        self, spec: _StreamSpec, seed: int, rotation: int = 0, starts: dict[int, dict[str, Any]] | None = None
+    ) -> None:
         super().__init__()
         self.spec, self.seed = spec, seed
+        self.rotation, self.starts = rotation, starts or {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (loader_worker + self.rotation) % num_workers
         skips = _Skips()
-        rng = random.Random(_mix_seed(self.seed, self.spec.rank, worker))
-        raw = wds.tarfile_samples(self._shards(worker, num_workers, rng), handler=_ShardErrorHandler(skips))
-        if self.spec.shuffle_buffer > 1:
-            # shuffle encoded samples: a buffer of decoded float images would take GBs per worker
-            raw = wds.shuffle(self.spec.shuffle_buffer, initial=min(100, self.spec.shuffle_buffer), rng=rng)(
-                raw
-            )
-        samples = self._decoded(raw, skips, rng)
+        stream = _WorkerStream(self.spec, self.seed, worker, num_workers, skips)
+        if worker in self.starts:
+            stream.restore(self.starts[worker])
         batch: list[dict[str, Any]] = []
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == self.spec.batch_size:
-                yield _collate(batch, skips)
-                batch = []
-        if batch:
-            yield _collate(batch, skips)
-        if skips.counts:
-            yield skips.take()
-
-    def _shards(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict[str, str]]:
-        urls = self.spec.urls
-        if self.spec.resampled:
-            # rng is seeded per rank and worker: each draws its own endless sequence of shards
-            return (dict(url=rng.choice(urls)) for _ in itertools.count())
-        if self.spec.shuffle_buffer > 1:
-            # the same seed on every rank, so the split below stays disjoint
-            urls = random.Random(self.seed).sample(urls, len(urls))
-        mine = urls[self.spec.rank :: self.spec.world_size][worker::num_workers]
-        return (dict(url=u) for u in mine)
-
-    def _decoded(
-        self, raw_samples: Iterator[dict[str, Any]], skips: _Skips, rng: random.Random
-    ) -> Iterator[dict[str, Any]]:
-        for raw in raw_samples:
+        for raw in stream.samples():
             try:
-                yield self._decode(raw, rng)
+                batch.append(self._decode(raw, stream.augment_rng()))
             except _SkipSample as skip:
                 key, url = str(raw.get("__key__")), str(raw.get("__url__"))
                 skips.add(skip.reason, url, key, skip.detail)
                 _warn(f"skipping sample {key} in {url}: {skip.reason} {skip.detail}", skip.reason)
+                continue
+            if len(batch) == self.spec.batch_size:
+                yield {**_collate(batch, skips), _STATE: stream.state()}
+                batch = []
+        if batch:
+            yield {**_collate(batch, skips), _STATE: stream.state()}
+        if skips.counts:
+            yield {**skips.take(), _STATE: stream.state()}
 
     def _decode(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         caption = caption_from(raw, self.spec.caption_key)
@@ -283,7 +456,7 @@ class _ShardStream(IterableDataset):
             return self._cached(raw, caption)
         spec = self.spec
         rgb = self._image(raw)
-        # everything is decoded and checked before the random draw: a skipped sample draws nothing
+        # everything is decoded and checked before the random draw (each sample has draws of its own)
         cond = _cond_image(raw, spec.cond_image_key) if spec.cond_image_key else None
         seg = _seg_map(raw, spec.seg_key, spec.num_classes) if spec.seg_key else None
         plan = plan_crop(rgb.size, spec.resolution, spec.random_crop, spec.random_flip, rng)
@@ -400,11 +573,20 @@ def _fold_skips(
     return batch
 
 
+POSITION = "stream_position"  # in training batches: where the stream stands after this batch (see ShardLoader)
+
+
 class ShardLoader:
     """Iterable of batches over a shard stream; Lightning takes any iterable as a dataloader.
 
     Each `iter()` is one epoch: a fresh DataLoader over a freshly seeded stream. With
     `epoch_length` the stream is repeated (new seed each pass) and cut at exactly that many batches.
+
+    With `track=True` (the training loader) each batch carries under `POSITION` where the stream stands once
+    that batch is trained on. The loader reads ahead (it holds a batch until the next item, DataLoader
+    workers prefetch, so does Lightning), so whoever trains says which batch it took: `consumed(position)`
+    (WebDataModule does, as the batch reaches the model). `resume`, set to such a position, makes the next
+    `iter()` go on right after that batch.
     """
 
     def __init__(
@@ -415,38 +597,99 @@ class ShardLoader:
         epoch_length: int | None = None,
         clock: Callable[[], tuple[int, int] | None] = lambda: None,
         skipped: Counter[str] | None = None,
+        track: bool = False,
+        batches_done: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.spec, self.num_workers, self.seed = spec, num_workers, seed
         self.epoch_length = epoch_length
         self.clock = clock
         self.skipped: Counter[str] = Counter() if skipped is None else skipped
+        self.track, self.batches_done = track, batches_done
+        self.resume: dict[str, Any] | None = None
+        self.position: dict[str, Any] | None = None  # of the last batch trained on
         self._iterations = 0
+        self._serial = 0
+        self._unconsumed: deque[tuple[int, Counter[str]]] = deque(maxlen=64)  # (serial, skips) handed out, not taken
 
     def __len__(self) -> int:
         if self.epoch_length is None:
             raise TypeError("a shard stream without epoch_length has no length")
         return self.epoch_length
 
+    # Lightning's protocol for resumable loaders: without it Lightning warns that a mid-epoch resume is
+    # unreliable. What Lightning keeps of it is rank 0's alone, so the position of every rank goes in
+    # WebDataModule's state instead.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+    def consumed(self, position: dict[str, Any]) -> None:
+        """The batch that carried `position` is being trained on."""
+        self.position = position
+        while self._unconsumed and self._unconsumed[0][0] <= position["serial"]:
+            self._unconsumed.popleft()
+
+    def unconsumed_skips(self) -> Counter[str]:
+        """Skips of the batches handed out (and counted in `skipped`) that training has not taken yet."""
+        total: Counter[str] = Counter()
+        for _, counts in self._unconsumed:
+            total.update(counts)
+        return total
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # Seeded by the global step the pass starts at (not the epoch: without a known length Lightning
-        # asks for the next epoch's iterator before it counts the epoch), so a run resumed at an epoch
-        # boundary reads the order an uninterrupted run reads.
-        clock = self.clock()
-        position = clock[1] if clock is not None else self._iterations
+        start = self._take_resume()
+        if start is None:
+            # Seeded by the global step the pass starts at (not the epoch: without a known length Lightning
+            # asks for the next epoch's iterator before it counts the epoch), so a run resumed at an epoch
+            # boundary reads the order an uninterrupted run reads.
+            clock = self.clock()
+            origin = clock[1] if clock is not None else self._iterations
+            first_pass, done, within = 0, 0, None
+        else:
+            # mid-epoch: the pass the saved batch came from, right after it
+            origin, first_pass, done = int(start["origin"]), int(start["pass"]), int(start["batches"])
+            within = None if start["final"] else start
+            if start["final"]:
+                if self.epoch_length is None:
+                    return  # that batch ended the epoch; Lightning has not counted the epoch's end yet
+                first_pass += 1
         self._iterations += 1
-        passes = self._passes(position)
+        passes = self._passes(origin, first_pass, done, within)
         try:
-            yield from passes if self.epoch_length is None else itertools.islice(passes, self.epoch_length)
+            yield from passes if self.epoch_length is None else itertools.islice(passes, self.epoch_length - done)
         finally:
             passes.close()  # shuts the DataLoader's workers down now, not whenever garbage is collected
 
-    def _passes(self, position: int) -> Iterator[dict[str, Any]]:
-        for pass_index in itertools.count():
+    def _take_resume(self) -> dict[str, Any] | None:
+        saved, self.resume = self.resume, None
+        if saved is None:
+            return None
+        done = self.batches_done()  # the batches of this epoch Lightning has already trained on
+        if done == 0 or (self.epoch_length is not None and saved["batches"] >= self.epoch_length):
+            return None  # the saved batch ended its epoch: this is the next one
+        if done is not None and done != saved["batches"]:
+            logger.warning(
+                "the checkpoint's training loop is at batch %d of its epoch but its data stream after batch %d: "
+                "the stream starts anew (another order than the uninterrupted run's)",
+                done,
+                saved["batches"],
+            )
+            return None
+        return saved
+
+    def _passes(
+        self, origin: int, first_pass: int, done: int, within: dict[str, Any] | None
+    ) -> Iterator[dict[str, Any]]:
+        for pass_index in itertools.count(first_pass):
+            start, within = within, None
             produced = 0
-            for batch in self._one_pass(_mix_seed(self.seed, position, pass_index)):
+            for batch in self._one_pass(origin, pass_index, done, start):
                 produced += 1
+                done += 1
                 yield batch
-            if produced == 0:
+            if produced == 0 and start is None:
                 raise RuntimeError(
                     f"no usable samples in {len(self.spec.urls)} shard(s) ({self.spec.urls[0]}, ...); "
                     f"skipped so far: {dict(self.skipped) or 'none'}. Check caption_key={self.spec.caption_key!r}"
@@ -455,9 +698,17 @@ class ShardLoader:
             if self.epoch_length is None:
                 return
 
-    def _one_pass(self, seed: int) -> Iterator[dict[str, Any]]:
+    def _one_pass(
+        self, origin: int, pass_index: int, done: int, start: dict[str, Any] | None
+    ) -> Iterator[dict[str, Any]]:
+        """One pass's batches, from its beginning or (`start`) right after a batch of an earlier run of it."""
+        # Each worker's position, as of the items received so far; a resumed pass starts from the saved ones,
+        # and its DataLoader starts at the worker whose turn it was (DataLoader takes the workers' items in
+        # turn, skipping those that have ended, so the order goes on as it would have).
+        workers: dict[int, dict[str, Any]] = dict(start["workers"]) if start else {}
+        rotation = int(start["next_worker"]) if start else 0
         loader = DataLoader(
-            _ShardStream(self.spec, seed),
+            _ShardStream(self.spec, _mix_seed(self.seed, origin, pass_index), rotation, workers),
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
@@ -469,17 +720,52 @@ class ShardLoader:
         counts: Counter[str] = Counter()
         dropped: list[tuple[str, str, str, str]] = []
         for item in loader:
-            self.skipped.update(item["skipped"])
+            state = item.pop(_STATE)
             if "key" not in item:  # a trailing item: only skips
                 counts.update(item["skipped"])
                 dropped += item.get("dropped", [])
+                workers[state["worker"]] = state
                 continue
             if held is not None:
-                yield _fold_skips(held, counts, dropped)
+                done += 1
+                where = (origin, pass_index, done, state["worker"], False)
+                yield self._hand_out(_fold_skips(held, counts, dropped), where, workers)
                 counts, dropped = Counter(), []
             held = item
+            workers[state["worker"]] = state
         if held is not None:
-            yield _fold_skips(held, counts, dropped)
+            done += 1
+            yield self._hand_out(_fold_skips(held, counts, dropped), (origin, pass_index, done, 0, True), workers)
+        else:
+            self.skipped.update(counts)  # a pass without a single batch (an error follows): counted still
+
+    def _hand_out(
+        self, batch: dict[str, Any], where: tuple[int, int, int, int, bool], workers: dict[int, dict[str, Any]]
+    ) -> dict[str, Any]:
+        self.skipped.update(batch["skipped"])
+        if self.track:
+            origin, pass_index, done, next_worker, final = where
+            self._serial += 1
+            self._unconsumed.append((self._serial, Counter(batch["skipped"])))
+            batch[POSITION] = {
+                "serial": self._serial,
+                "origin": origin,  # the global step (or iteration) the epoch's stream was seeded with
+                "pass": pass_index,  # passes in the epoch before this batch's (epoch_length repeats the stream)
+                "batches": done,  # batches of the epoch up to this one
+                "final": final,  # the pass's last batch
+                "next_worker": next_worker,  # whose turn it is next
+                "workers": dict(workers),  # each worker's position after its items up to here
+            }
+        return batch
+
+
+def _gather_over_ranks(value: Any, world_size: int) -> list[Any]:
+    """Every rank's `value`, in rank order (every rank calls this)."""
+    if world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [value]
+    values: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def _check_conditioning(cond_image_key: str | None, seg_key: str | None, num_classes: int | None) -> None:
@@ -549,6 +835,8 @@ class WebDataModule(lightning.LightningDataModule):
         self.skipped_samples: Counter[str] = Counter()
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
+        self._train_loader: ShardLoader | None = None
+        self._saved_streams: dict[str, Any] | None = None  # from a checkpoint, for the next train_dataloader()
 
     def setup(self, stage: str | None = None) -> None:
         self._train_urls = expand_shard_specs(self.train_shards)
@@ -600,15 +888,25 @@ class WebDataModule(lightning.LightningDataModule):
             return None
         return self.trainer.current_epoch, self.trainer.global_step
 
+    def _batches_done(self) -> int | None:
+        """Batches of the current epoch the trainer has trained on (restored from a checkpoint, on resume)."""
+        loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
+        return None if loop is None else int(loop.batch_progress.current.ready)
+
     def train_dataloader(self) -> ShardLoader:
-        return ShardLoader(
+        loader = ShardLoader(
             self._spec(self._train_urls, train=True),
             self.num_workers,
             self.seed,
             self.epoch_length,
             clock=self._trainer_clock,
             skipped=self.skipped_samples,
+            track=True,
+            batches_done=self._batches_done,
         )
+        loader.resume = self._saved_position()
+        self._train_loader = loader
+        return loader
 
     def val_dataloader(self) -> ShardLoader | list:
         if self.val_shards is None:
@@ -617,9 +915,67 @@ class WebDataModule(lightning.LightningDataModule):
             self._spec(self._val_urls, train=False), self.num_workers, self.seed, skipped=self.skipped_samples
         )
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this for each batch it is about to train on (not the ones it prefetched):
+        # where the stream stands after it is what a checkpoint written after this step saves.
+        if isinstance(batch, dict) and POSITION in batch:
+            position = batch.pop(POSITION)
+            if self._train_loader is not None:
+                self._train_loader.consumed(position)
+        return batch
+
+    def _stream_settings(self) -> dict[str, Any]:
+        """What a saved stream position is only valid for."""
+        _, world_size = self._rank_and_world_size()
+        urls = "\n".join(self._train_urls or [])
+        return {
+            "shards": hashlib.sha256(urls.encode()).hexdigest()[:16],
+            "num_shards": len(self._train_urls or []),
+            "world_size": world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "resampled": self.resampled,
+            "epoch_length": self.epoch_length,
+            "seed": self.seed,
+        }
+
+    def _saved_position(self) -> dict[str, Any] | None:
+        """This rank's position from the checkpoint being resumed, if the stream it came from is this one."""
+        saved, self._saved_streams = self._saved_streams, None
+        if not saved:
+            return None
+        settings = self._stream_settings()
+        changed = {k: (saved["settings"].get(k), v) for k, v in settings.items() if saved["settings"].get(k) != v}
+        if changed:
+            listed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            logger.warning(
+                "the data stream differs from the checkpoint's (%s): a mid-epoch resume reads another order "
+                "than the uninterrupted run would",
+                listed,
+            )
+            return None
+        rank, _ = self._rank_and_world_size()
+        return saved["positions"][rank]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_samples": dict(self.skipped_samples)}
+        """Skip counts up to the batch trained on last, and every rank's stream position after that batch.
+
+        Every rank calls this when a checkpoint is written (Lightning's dump_checkpoint); the positions are
+        gathered from all ranks into the file rank 0 writes."""
+        skipped = Counter(self.skipped_samples)
+        position = None
+        if self._train_loader is not None and self._train_loader.position is not None:
+            skipped -= self._train_loader.unconsumed_skips()  # handed out but not trained on: counted again
+            position = {k: v for k, v in self._train_loader.position.items() if k != "serial"}
+        _, world_size = self._rank_and_world_size()
+        positions = _gather_over_ranks(position, world_size)
+        state: dict[str, Any] = {"skipped_samples": dict(skipped)}
+        if any(p is not None for p in positions):
+            state["streams"] = {"settings": self._stream_settings(), "positions": positions}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_samples.clear()
         self.skipped_samples.update(state_dict.get("skipped_samples", {}))
+        self._saved_streams = state_dict.get("streams")
