@@ -149,3 +149,26 @@ def test_tiny_text_encoder_has_text_model_names_and_round_trips(tmp_path, kind):
     assert convert_main([str(folder), str(tmp_path / "flat.safetensors")]) == 0
     assert_files_bit_identical(src, tmp_path / "flat.safetensors")
     assert read_checkpoint(folder).config["cond_stage"] == read_checkpoint(src).config["cond_stage"]
+
+
+def test_layout_and_bit_checks_catch_a_renamed_reshaped_or_nudged_tensor(tmp_path):
+    """Controls for the checks above: a tensor renamed or reshaped shows in the layout comparison, and
+    one value one float step off fails the bit-for-bit comparison."""
+    src = tmp_path / "src.safetensors"
+    original_sd_file(randomize_(StableDiffusion.from_config(tiny_config("clip")), seed=1), src)
+    published = shapes(src)
+    key = CLIP_PREFIX + "final_layer_norm.weight"
+    renamed = {(k + "_renamed" if k == key else k): v for k, v in published.items()}
+    assert layout_differences(renamed, published) == [
+        f"only ours: {key}_renamed {published[key]}", f"only published: {key} {published[key]}"
+    ]
+    reshaped = {**published, key: [published[key][0] + 1]}
+    assert layout_differences(reshaped, published) == [
+        f"shape of {key}: ours {reshaped[key]}, published {published[key]}"
+    ]
+    nudged = load_file(str(src))
+    nudged[key] = nudged[key].clone()
+    nudged[key][0] = torch.nextafter(nudged[key][0], torch.tensor(float("inf")))
+    save_file(nudged, str(tmp_path / "nudged.safetensors"))
+    with pytest.raises(AssertionError, match=key):
+        assert_files_bit_identical(src, tmp_path / "nudged.safetensors")

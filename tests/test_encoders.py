@@ -243,6 +243,35 @@ def test_openclip_matches_diffusers_sd2_text_encoder(size, sd2_text):
 
 
 @torch.no_grad()
+def test_text_parity_sees_the_prompt_and_catches_a_wrong_activation_or_block():
+    """Controls for the parity tests above (tiny towers, every parameter perturbed): the prompts' embeddings
+    differ by far more than the 1e-4 tolerance, and a reference with CLIP's other activation (gelu for
+    quick_gelu), or SD 2's tower read at its last block instead of the penultimate (in open_clip and in
+    diffusers' layout), fails the comparison (relative errors measured in the comments)."""
+    far = 10 * 1e-4
+    clip = randomize(CLIPTextEmbedder(config=TINY_CLIP))
+    tokens = clip.tokenize(PROMPTS)
+    out = clip.encode(tokens)
+    reference = hf_text_model(clip.state_dict(), "clip", {"config": TINY_CLIP})
+    assert rel_err(out, reference(input_ids=tokens).last_hidden_state) < 1e-4
+    assert rel_err(out[0], out[1]) > far  # measured 0.95
+    gelu = hf_text_model(clip.state_dict(), "clip", {"config": {**TINY_CLIP, "hidden_act": "gelu"}})
+    assert rel_err(out, gelu(input_ids=tokens).last_hidden_state) > far  # measured 0.016
+
+    sd2 = randomize(OpenCLIPTextEmbedder(**TINY_OPENCLIP))
+    tokens = sd2.tokenize(PROMPTS)
+    out = sd2.encode(tokens)
+    assert rel_err(out[0], out[1]) > far  # measured 1.0
+    ref = open_clip_reference(sd2.state_dict(), sd2.output_dim, TINY_OPENCLIP["heads"], TINY_OPENCLIP["layers"])
+    assert rel_err(out, open_clip_hidden(ref, tokens, 1)) < 1e-4
+    assert rel_err(out, open_clip_hidden(ref, tokens, 2)) > far  # measured 0.68
+    last = {**TINY_OPENCLIP, "layer": "last"}
+    every_block = CLIPTextModel(CLIPTextConfig(**text_config_to_diffusers("openclip", last)))
+    every_block.load_state_dict(flat_text_model_names(text_to_diffusers(sd2.state_dict(), "openclip", layer="last")))
+    assert rel_err(out, every_block.eval()(input_ids=tokens).last_hidden_state) > far  # measured 0.68
+
+
+@torch.no_grad()
 def test_openclip_built_from_diffusers_folder_gives_sd2_output():
     """A diffusers SD 2 text_encoder (N-1 blocks) becomes OpenCLIPTextEmbedder(N-1, layer="last")."""
     sd2 = randomize(OpenCLIPTextEmbedder(**TINY_OPENCLIP))

@@ -10,7 +10,7 @@ or the inpainting, InstructPix2Pix or img2img one) driven by the matching schedu
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,18 @@ import pytest
 import torch
 from helpers import model_config, randomize_
 from PIL import Image
-from test_sample import PROMPT, sample_config, tiny_sd2_config, write_inpainting_inputs
+from test_sample import (
+    PROMPT,
+    assert_caught,
+    assert_matches,
+    assert_moves,
+    sample_config,
+    tiny_sd2_config,
+    write_inpainting_inputs,
+)
+from test_sample_conditioning import trained_like_posterior_
 
+from ldm import sampling
 from ldm.checkpoint import checkpoint_from_model, save_checkpoint
 from ldm.cli.sample import run
 from ldm.convert import main as convert_main
@@ -125,6 +135,8 @@ def write_model(tmp_path: Path, s: Setting) -> Path:
         beta_schedule=s.beta_schedule, steps_offset=s.steps_offset, timestep_spacing=s.stored_spacing
     )
     model = randomize_(StableDiffusion.from_config(cfg), std=0.08, seed=s.seed)
+    if s.strength is not None:  # so that the start picture shows in the images (see trained_like_posterior_)
+        trained_like_posterior_(model)
     path = tmp_path / ("model" if s.fmt == "diffusers" else "model.safetensors")
     save_checkpoint(checkpoint_from_model(model), path)
     return path
@@ -231,5 +243,59 @@ def test_random_setting_matches_diffusers_pipeline(tmp_path: Path, setting: Sett
     ours = our_images(ckpt, tmp_path / "out", s, inputs)
     assert ours.shape == theirs.shape == (s.num_images, s.height, s.width, 3)
     assert ours.std() > 5, "random weights should give a non-flat image, or the comparison says nothing"
-    diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
-    assert diff <= 2, f"{s}: max pixel difference {diff}/255"
+    assert_matches(ours, theirs, f"{s}: ")
+
+
+CONTROL_BASE = Setting(
+    model="tiny", fmt="diffusers", sampler="ddim", steps=8, guidance=7.5, negative="blurry, low quality",
+    num_images=2, height=32, width=40, spacing=None, seed=7,
+)
+# What the sweep draws, each changed from CONTROL_BASE (or from the setting before it): (what, from, to).
+# A shift of the timesteps by one is a small change of the image (most pixels within the tolerance, a few
+# far outside): those options are held to failing the comparison, the others to moving the whole image.
+SUBTLE = {"the checkpoint's steps_offset 0"}
+OPTIONS = [
+    ("timestep_spacing=trailing", {}, {"spacing": "trailing"}),
+    ("the checkpoint's spacing trailing", {}, {"stored_spacing": "trailing"}),
+    ("the checkpoint's steps_offset 0", {}, {"steps_offset": 0}),
+    ("the checkpoint's linear betas", {}, {"beta_schedule": "linear"}),
+    ("eta 0.7", {}, {"eta": 0.7}),
+    ("no negative prompt", {}, {"negative": None}),
+    ("guidance 1 (none)", {}, {"guidance": 1.0}),
+    ("Karras sigmas", {"sampler": "dpmpp_2m"}, {"sampler": "dpmpp_2m", "karras": True}),
+]
+
+
+def test_each_option_the_sweep_draws_moves_the_image_and_ignoring_one_fails(tmp_path: Path, monkeypatch) -> None:
+    """Controls for the sweep: every option it draws moves our image by far more than the tolerance
+    (measured, in OPTIONS' order: 24.0, 24.0, -, 18.2, 26.7, 10.6, 15.0 and 22.2 of 255 on average; the
+    steps_offset 0.8 on average but 9 at most, against a 2/255 tolerance), so a side that ignored one
+    would fail the comparison; our sampler ignoring the asked spacing or Karras sigmas does fail it
+    (measured 24.0 and 22.2)."""
+    models: dict[tuple, Path] = {}
+    images: dict[str, np.ndarray] = {}
+
+    def ours(s: Setting) -> np.ndarray:
+        stored = (s.beta_schedule, s.steps_offset, s.stored_spacing)  # what the checkpoint holds
+        if stored not in models:
+            (tmp_path / str(len(models))).mkdir()
+            models[stored] = write_model(tmp_path / str(len(models)), s)
+        if repr(s) not in images:
+            images[repr(s)] = our_images(models[stored], tmp_path / f"out{len(images)}", s, None)
+        return images[repr(s)]
+
+    for what, before, after in OPTIONS:
+        check = assert_caught if what in SUBTLE else assert_moves
+        check(ours(replace(CONTROL_BASE, **after)), ours(replace(CONTROL_BASE, **before)), what)
+
+    sample = sampling.sample
+    for what, setting, ignored in [
+        ("spacing ignored", replace(CONTROL_BASE, spacing="trailing"), {"spacing": "leading"}),
+        ("Karras sigmas ignored", replace(CONTROL_BASE, sampler="dpmpp_2m", karras=True), {"karras": False}),
+    ]:
+        folder = tmp_path / what.replace(" ", "-")
+        folder.mkdir()
+        theirs = diffusers_images(write_model(folder, setting), setting, None)
+        with monkeypatch.context() as m:
+            m.setattr(sampling, "sample", lambda *a, ignored=ignored, **k: sample(*a, **{**k, **ignored}))
+            assert_caught(our_images(folder / "model", folder / "out", setting, None), theirs, what)

@@ -14,6 +14,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+from ldm.diffusion import samplers
 from ldm.diffusion.samplers import SAMPLERS, classifier_free_guidance, make_timesteps, sample
 from ldm.diffusion.schedule import NoiseSchedule, make_betas
 
@@ -87,8 +88,15 @@ def run_ours(name: str, num_steps: int, generator: torch.Generator, **kwargs) ->
     return sample(name, toy_model, noise, alphas_cumprod, num_steps, generator=generator, **kwargs)
 
 
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
-    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+TOLERANCE = 1e-5  # relative to the reference's largest value
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = TOLERANCE) -> None:
+    err = relative_error(ours, ref)
     assert err < tol, f"relative error {err:.2e}"
 
 
@@ -123,6 +131,32 @@ def test_karras_matches_diffusers(name: str, prediction_type: str, num_steps: in
 def test_ddim_eta_matches_diffusers(spacing: str, eta: float) -> None:
     for prediction_type in ("epsilon", "v_prediction"):
         check_parity("ddim", spacing, prediction_type, 20, eta=eta)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_parity_check_catches_a_wrong_offset_prediction_type_or_step_count(name: str, monkeypatch) -> None:
+    """Controls for the parity above: a sampler one timestep off (steps_offset ignored), reading the
+    model's output as the other parameterization, or taking one step more, fails `check_parity`'s
+    comparison by orders of magnitude (relative errors measured for ddim, ddpm, dpmpp_2m, euler, euler_a
+    and plms, against a tolerance of 1e-5: offset 4.7, 6.4, 4.2, 4.8, 6.4, 6.4e-3; v 0.91, 0.94, 0.90,
+    0.91, 0.94, 0.91; a step more 4.1, 8.5, 1.9, 4.1, 8.5, 4.6e-2), and a stochastic sampler drawing its
+    noise out of step with diffusers' fails both the comparison and the generator check."""
+    ref_gen = torch.Generator().manual_seed(SEED)
+    ref = run_diffusers(diffusers_scheduler(name, "leading", "epsilon"), 20, ref_gen)
+    assert_close(run_ours(name, 20, torch.Generator().manual_seed(SEED)), ref)
+    for what, steps, kwargs in [
+        ("steps_offset ignored", 20, {"steps_offset": 0}),
+        ("v read for epsilon", 20, {"prediction_type": "v_prediction"}),
+        ("one step more", 21, {}),
+    ]:
+        err = relative_error(run_ours(name, steps, torch.Generator().manual_seed(SEED), **kwargs), ref)
+        assert err > 100 * TOLERANCE, f"{what}: relative error {err:.1e} only"
+    if name in ("ddpm", "euler_a"):  # one extra draw before each step's own
+        randn = samplers._randn
+        monkeypatch.setattr(samplers, "_randn", lambda like, gen: (randn(like[:1, :1, :1, :1], gen), randn(like, gen))[1])
+        our_gen = torch.Generator().manual_seed(SEED)
+        assert relative_error(run_ours(name, 20, our_gen), ref) > 100 * TOLERANCE
+        assert not torch.equal(our_gen.get_state(), ref_gen.get_state())
 
 
 @pytest.mark.parametrize("name", ["ddpm", "euler_a"])

@@ -84,12 +84,26 @@ def inputs(cfg: dict, batch: int = 2, size: tuple[int, int] = (8, 8)) -> dict:
     )
 
 
-def diffusers_twin(model: UNetModel, cfg: dict):
-    """diffusers' UNet2DConditionModel holding `model`'s weights, loaded strictly through our mapping."""
+def diffusers_twin(model: UNetModel, cfg: dict, swap: tuple[str, str] | None = None):
+    """diffusers' UNet2DConditionModel holding `model`'s weights, loaded strictly through our mapping;
+    `swap` (two name endings) exchanges the first tensor whose name ends so with its namesake (a
+    deliberately broken mapping, for the controls)."""
     diffusers = pytest.importorskip("diffusers")
     reference = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(cfg, sample_size=8)).eval()
-    reference.load_state_dict(unet_to_diffusers(model.state_dict(), cfg), strict=True)
+    weights = unet_to_diffusers(model.state_dict(), cfg)
+    if swap:
+        a = next(k for k in weights if k.endswith(swap[0]))
+        b = a.removesuffix(swap[0]) + swap[1]
+        weights[a], weights[b] = weights[b], weights[a]
+    reference.load_state_dict(weights, strict=True)
     return reference
+
+
+# Mapping mistakes a conversion could make: tensors of the same shape exchanged.
+BROKEN_MAPPINGS = {
+    "cross-attention keys and values exchanged": ("attn2.to_k.weight", "attn2.to_v.weight"),
+    "the output norm's scale and shift exchanged": ("conv_norm_out.weight", "conv_norm_out.bias"),
+}
 
 
 @pytest.mark.parametrize("name", LAYOUT_NAMES)
@@ -122,6 +136,33 @@ def test_matches_diffusers_on_random_weights(name):
             theirs = reference(batch["x"], timesteps, batch["context"], class_labels=batch["y"]).sample
         assert theirs.abs().max() > 1e-2
         assert rel_err(ours, theirs) < 1e-4
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_unet_parity_sees_context_timestep_and_vector_and_catches_broken_mappings(name):
+    """Controls for the parity above: with every weight random (`randomize_`: no zero-initialised output
+    layer), the text context, the timestep and the vector condition each move the output by far more than
+    the 1e-4 tolerance, and tensors exchanged in the mapping fail the comparison. Measured relative
+    changes, for the four configs in order: another context 0.045, 0.081, 0.060, 0.13; other timesteps
+    0.025, 0.033, 0.031, 0.062; another vector condition 0.046; keys and values exchanged 0.018, 0.022,
+    0.029, 0.061; the output norm's scale and shift exchanged 2.1, 1.5, 2.4, 1.7."""
+    cfg = CONFIGS[name]
+    model = randomize_(UNetModel(**cfg)).eval()
+    batch, t = inputs(cfg), torch.tensor([3.25, 911.5])
+    changed = {
+        "another context": dict(batch, context=torch.randn_like(batch["context"])),
+        "other timesteps": dict(batch, t=torch.tensor([500.0, 20.0])),
+    }
+    if batch["y"] is not None:
+        changed["another vector condition"] = dict(batch, y=torch.randn_like(batch["y"]))
+    with torch.no_grad():
+        base = model(batch["x"], t, batch["context"], batch["y"])
+        for what, other in changed.items():
+            moved = rel_err(model(other["x"], other.get("t", t), other["context"], other["y"]), base)
+            assert moved > 100 * 1e-4, f"{what} moves the output by {moved:.1e} only"
+        for what, swap in BROKEN_MAPPINGS.items():
+            theirs = diffusers_twin(model, cfg, swap)(batch["x"], t, batch["context"], class_labels=batch["y"]).sample
+            assert rel_err(base, theirs) > 100 * 1e-4, what
 
 
 def test_odd_latent_sizes_match_diffusers():
