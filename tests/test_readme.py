@@ -26,6 +26,7 @@ from helpers import model_config, randomize_
 from hydra import compose, initialize_config_module
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_evaluate import write_clip, write_inception
 from test_sample import tiny_sd2_config
 
 from ldm.checkpoint import checkpoint_from_model, ema_key_for, save_checkpoint
@@ -159,6 +160,9 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _picture(root / "mask.png", 0, "L")
     _picture(root / "layout.png", 1, "L", classes=4)
     (root / "prompts.txt").write_text("a red circle on a blue background\na castle, oil painting\n")
+    # ldm-eval's weights, random, in the files' own formats (torch-fidelity's Inception, a transformers CLIP)
+    write_inception(root / "weights-inception-2015-12-05-6726825d.pth")
+    write_clip(root / "clip-vit-large-patch14")
     (root / "images").mkdir()
     for i in range(8):
         _picture(root / "images" / f"img{i}.png", 10 + i)
@@ -227,6 +231,8 @@ def prepare(command: str, root: Path) -> str | None:
             return re.sub(r"(^|\s)(-m|--multirun)(?=\s)", r"\1", command) + " --cfg job"
         return command + " " + " ".join(train_overrides(words[2:]))
     if "sample.py" in words[1:2]:
+        return command + " steps=2 height=32 width=32 device=cpu"
+    if words[0].endswith("ldm-eval") and not any(w.startswith("images=") for w in words):
         return command + " steps=2 height=32 width=32 device=cpu"
     if words[0].endswith("ldm-cache-latents"):
         return command + " --resolution 32"

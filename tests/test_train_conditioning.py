@@ -41,7 +41,9 @@ def module_of(cfg):
     return instantiate(cfg.module, model=model_cfg, _convert_="all")
 
 
-def test_edit_model_trains_on_edit_pairs_and_edits_with_sample_py(tmp_path: Path) -> None:
+def test_edit_model_trains_on_edit_pairs_and_sample_py_takes_its_checkpoint_and_a_picture(tmp_path: Path) -> None:
+    """Three training steps leave the condition barely used (it moves the image ~0.001/255): what the
+    condition does at sampling is checked on random weights in test_sample_conditioning / test_sampling_api."""
     cfg = compose_train(tmp_path, ["conditioning=image_concat", "trainer.max_steps=3", "callbacks.sample_images.every_n_steps=2", *QUIET])
     assert cfg.data.variant == "edit" and cfg.model.concat == "image"
     train(cfg)
@@ -99,7 +101,9 @@ def test_init_from_a_text_model_starts_an_edit_model_where_it_was(tmp_path: Path
         torch.testing.assert_close(ours, theirs)
 
 
-def test_semantic_model_trains_on_maps_and_follows_seg_in_sample_py(tmp_path: Path) -> None:
+def test_semantic_model_trains_on_maps_and_sample_py_takes_its_checkpoint_and_a_map(tmp_path: Path) -> None:
+    """Three training steps leave the condition barely used (it moves the image ~0.001/255): what the
+    condition does at sampling is checked on random weights in test_sample_conditioning / test_sampling_api."""
     cfg = compose_train(tmp_path, [*SEMANTIC, "trainer.max_steps=3", "callbacks.sample_images.every_n_steps=2", *QUIET])
     assert cfg.data.variant == "semantic"
     train(cfg)
