@@ -22,11 +22,13 @@ demo: $(STAMP)
 	$(BIN)/python sample.py ckpt=$$(ls -t outputs/demo/*/checkpoints/last.ckpt | head -1) ema=true \
 		prompt="a red circle on a blue background" num_images=4 steps=25 out_dir=outputs/demo-samples
 
+# Two test processes (pytest-xdist), a file per process at a time so module fixtures are built once: most
+# tests run on one thread, and the machines CI runs on have 2 cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m ''
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m ''
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
