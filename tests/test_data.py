@@ -23,6 +23,7 @@ from ldm.data.make_shards import ShardSink, main, make_shards
 from ldm.data.synthetic import (
     ShapesDataModule,
     caption_fidelity,
+    colour_fidelity,
     ensure_demo_shards,
     judge_colours,
     make_caption,
@@ -185,7 +186,8 @@ def test_downscaled_batches_still_match_captions(shapes: list[str]) -> None:
     )
     assert batches[0]["image"].shape == (16, 3, 8, 8)
     images = np.concatenate([to_uint8(b["image"]) for b in batches])
-    assert caption_fidelity(images, [c for b in batches for c in b["caption"]]) >= 0.9
+    # colours alone: at 8 px a circle and a square differ by a pixel or two (the shape judge refuses them)
+    assert colour_fidelity(images, [c for b in batches for c in b["caption"]]) >= 0.9
 
 
 def test_same_seed_same_order_and_new_epoch_new_order(shapes: list[str]) -> None:

@@ -3,7 +3,11 @@
 Each sample is a PNG of one shape (circle, square, triangle) in one palette colour on a
 background of another, captioned "a red circle on a blue background". The palette is small and
 its colours far apart, so `judge_colours` can read both colours back from pixel statistics alone;
-`caption_fidelity` turns that into the demo's score of how well generated images follow prompts.
+`judge_shape` fits every shape, at every placement the data can draw, to the pixels of the shape's
+colour. `caption_fidelity`, the demo's score of how well generated images follow prompts, asks of
+each image the caption's colours, its shape (fitting best, IoU >= 0.5), and a clean picture (the
+caption drawn at that fit agrees with 95% of the pixels off the shape's edge): colour noise with the
+right mean colours fails. `colour_fidelity` asks the colours alone.
 
     ensure_demo_shards("data/demo", num_samples=2000)   # writes data/demo/shapes-00000{0..3}.tar once
 
@@ -18,6 +22,7 @@ Variants (`variant=`), for the conditionings besides text:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -49,6 +54,9 @@ Variant = Literal["caption", "semantic", "edit"]
 SHARD_PREFIX = "shapes"
 MANIFEST = "MANIFEST.json"
 _SUPERSAMPLE = 4  # draw large, then shrink: smooth edges without blending in foreign colours
+_SIZE_RANGE = (0.4, 0.7)  # a shape's side (its bounding square's) as a share of the image's
+_JUDGE_SIDE = 32  # the caption judge compares shapes at this side at most (larger images are shrunk)
+_JUDGE_MIN_SIDE = 16  # below, a circle and a square differ by a pixel or two: shapes cannot be told apart
 _CAPTION = re.compile(r"an? (\w+) (\w+) on an? (\w+) background")
 _INSTRUCTION = re.compile(r"make the (\w+) (\w+)")
 _PALETTE_ARRAY = np.array(list(PALETTE.values()), dtype=np.int32)
@@ -114,10 +122,32 @@ def random_placement(resolution: int, rng: np.random.Generator) -> Placement:
     """A random size (40-70% of the side) and position, clear of the border ring the judge reads."""
     canvas = resolution * _SUPERSAMPLE
     margin = canvas // 16
-    size = int(rng.uniform(0.4, 0.7) * canvas)
+    size = int(rng.uniform(*_SIZE_RANGE) * canvas)
     left = int(rng.integers(margin, canvas - margin - size + 1))
     top = int(rng.integers(margin, canvas - margin - size + 1))
     return Placement(left, top, size)
+
+
+def placement_grid(resolution: int) -> list[Placement]:
+    """The placements `random_placement` can draw, on a grid of sizes and positions 1/32 of the side
+    apart (a pixel at 32 px, half a pixel at 16): the judge's search space, every size from the
+    smallest to the largest, every position clear of the ring."""
+    canvas = resolution * _SUPERSAMPLE
+    margin = canvas // 16
+    smallest = int(_SIZE_RANGE[0] * canvas)
+    largest = int(np.nextafter(_SIZE_RANGE[1], 0) * canvas)
+    step = max(1, canvas // 32)
+    grid = []
+    for size in _steps(smallest, largest, step):
+        for top in _steps(margin, canvas - margin - size, step):
+            grid.extend(Placement(left, top, size) for left in _steps(margin, canvas - margin - size, step))
+    return grid
+
+
+def _steps(first: int, last: int, step: int) -> list[int]:
+    """first, first + step, ... and always `last` (first <= last)."""
+    values = list(range(first, last + 1, step))
+    return values if values[-1] == last else [*values, last]
 
 
 def _shape_index(shape: str) -> int:
@@ -324,14 +354,150 @@ def judge_colours(image: np.ndarray) -> tuple[str, str]:
     return _PALETTE_NAMES[shape], _PALETTE_NAMES[background]
 
 
-def caption_fidelity(images: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str]) -> float:
-    """Share of images whose shape colour and background colour both match their caption."""
+def colour_fidelity(images: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str]) -> float:
+    """Share of images whose shape colour and background colour both match their caption (`judge_colours`;
+    the shape is not looked at: `caption_fidelity` judges both)."""
     if len(images) != len(captions) or len(captions) == 0:
         raise ValueError(f"need as many images as captions (and some), got {len(images)} and {len(captions)}")
     hits = 0
     for image, caption in zip(images, captions, strict=True):
         _, colour, background = parse_caption(caption)
         hits += judge_colours(np.asarray(image)) == (colour, background)
+    return hits / len(captions)
+
+
+@dataclass(frozen=True)
+class ShapeFit:
+    """How well one shape explains the pixels of a colour: the best intersection over union of the
+    shape's mask with those pixels over `placement_grid`, and where."""
+
+    shape: str
+    iou: float
+    placement: Placement
+
+
+@functools.lru_cache(maxsize=4)
+def _shape_masks(resolution: int) -> tuple[list[Placement], tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]]:
+    """`placement_grid(resolution)` and, per shape of SHAPES, at each of its placements: the mask
+    (N x resolution², float32: the pixels the shape covers at least half of, as drawn), the mask's
+    area, and the pixels clear of the shape's edge (int8: 1 inside the shape, 0 outside, -1 within a
+    pixel of the edge, where true renders blend and a fit half a pixel off may differ)."""
+    placements = placement_grid(resolution)
+    banks = []
+    for shape in SHAPES:
+        coverage = np.stack(
+            [
+                np.asarray(_drawn(shape, "L", 0, 255, resolution, at).resize((resolution, resolution), Image.Resampling.BOX))
+                for at in placements
+            ]
+        )
+        clear = np.full(coverage.shape, -1, dtype=np.int8)
+        clear[_erode(coverage == 0, outside=True)] = 0
+        clear[_erode(coverage == 255, outside=False)] = 1
+        masks = (coverage >= 128).astype(np.float32).reshape(len(placements), -1)
+        banks.append((masks, masks.sum(1), clear.reshape(len(placements), -1)))
+    return placements, tuple(banks)
+
+
+def _erode(masks: np.ndarray, outside: bool) -> np.ndarray:
+    """N x H x W boolean masks shrunk by one pixel (3x3); beyond the border counts as `outside`."""
+    padded = np.pad(masks, ((0, 0), (1, 1), (1, 1)), constant_values=outside)
+    h, w = masks.shape[1:]
+    out = masks.copy()
+    for dy in range(3):
+        for dx in range(3):
+            out &= padded[:, dy : dy + h, dx : dx + w]
+    return out
+
+
+def _judged_side(image: np.ndarray) -> np.ndarray:
+    """`image` as the shape judge reads it: square, at least `_JUDGE_MIN_SIDE`, shrunk to `_JUDGE_SIDE`."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
+    side = image.shape[0]
+    if image.shape[1] != side or side < _JUDGE_MIN_SIDE:
+        raise ValueError(
+            f"the shape judge reads square images of at least {_JUDGE_MIN_SIDE} px, got "
+            f"{image.shape[1]}x{image.shape[0]} (`colour_fidelity` judges the colours alone)"
+        )
+    if side > _JUDGE_SIDE:
+        image = np.asarray(Image.fromarray(image).resize((_JUDGE_SIDE, _JUDGE_SIDE), Image.Resampling.BOX))
+    return image
+
+
+def _fits(labels: np.ndarray, colour: str) -> dict[str, tuple[float, int]]:
+    """Per shape: (best IoU with the pixels labelled `colour`, index of its placement in the grid)."""
+    pixels = (labels.reshape(-1) == _PALETTE_NAMES.index(colour)).astype(np.float32)
+    fits = {}
+    for shape, (masks, areas, _) in zip(SHAPES, _shape_masks(labels.shape[0])[1], strict=True):
+        inter = masks @ pixels
+        iou = inter / np.maximum(areas + pixels.sum() - inter, 1)
+        best = int(iou.argmax())
+        fits[shape] = (float(iou[best]), best)
+    return fits
+
+
+def shape_fits(image: np.ndarray, colour: str) -> dict[str, ShapeFit]:
+    """For each shape, how well it fits the pixels of `colour` (nearest palette colour) in a uint8 HxWx3
+    image: the best intersection over union between those pixels and the shape at any placement the
+    demo data can draw (`placement_grid`). Images larger than 32 px are judged shrunk to 32."""
+    image = _judged_side(image)
+    labels = _nearest_colours(image.reshape(-1, 3)).reshape(image.shape[:2])
+    placements = _shape_masks(labels.shape[0])[0]
+    return {shape: ShapeFit(shape, iou, placements[i]) for shape, (iou, i) in _fits(labels, colour).items()}
+
+
+def judge_shape(image: np.ndarray, colour: str, min_iou: float = 0.5) -> str:
+    """The shape that the pixels of `colour` form, or "none": the best-fitting shape of `shape_fits`,
+    when it fits with intersection over union at least `min_iou` and strictly better than every other.
+
+    Both conditions are needed: a circle fitted into a square covers ~0.79 of it, and a square into a
+    circle as much, so a good fit alone does not tell shapes apart."""
+    fits = {shape: fit.iou for shape, fit in shape_fits(image, colour).items()}
+    best = max(fits, key=fits.__getitem__)
+    if fits[best] < min_iou or sum(f == fits[best] for f in fits.values()) > 1:
+        return "none"
+    return best
+
+
+def judge_image(image: np.ndarray, caption: str, min_iou: float = 0.5, min_agreement: float = 0.95) -> bool:
+    """Whether a uint8 HxWx3 image shows its caption. Three tests, all needed:
+
+    - colours: the shape colour and background colour of `judge_colours` are the caption's;
+    - shape: the pixels of the shape colour form the captioned shape (`judge_shape`: IoU at least
+      `min_iou`, and a better fit than the other shapes);
+    - a clean picture: the image agrees with the caption drawn at that best placement — of the pixels
+      more than a pixel from the fitted shape's edge (edge pixels blend in true renders), at least
+      `min_agreement` have the colour the drawing gives them (nearest palette colour). Colour noise
+      with a blob of the right colour in it fits a shape, but not this.
+    """
+    image = np.asarray(image)
+    shape, colour, background = parse_caption(caption)
+    if judge_colours(image) != (colour, background):
+        return False
+    small = _judged_side(image)
+    labels = _nearest_colours(small.reshape(-1, 3)).reshape(-1)
+    fits = _fits(labels.reshape(small.shape[:2]), colour)
+    iou, index = fits[shape]
+    if iou < min_iou or any(other >= iou for name, (other, _) in fits.items() if name != shape):
+        return False
+    clear = _shape_masks(small.shape[0])[1][SHAPES.index(shape)][2][index]
+    wanted = np.where(clear == 1, _PALETTE_NAMES.index(colour), _PALETTE_NAMES.index(background))
+    agreement = (labels == wanted)[clear >= 0].mean()
+    return bool(agreement >= min_agreement)
+
+
+def caption_fidelity(
+    images: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str], min_iou: float = 0.5, min_agreement: float = 0.95
+) -> float:
+    """Share of images that show their caption (`judge_image`): its shape colour and background colour,
+    its shape (placed anywhere the demo data puts shapes: intersection over union at least `min_iou`,
+    fitting better than the other shapes), and nothing else (at least `min_agreement` of the pixels
+    off the shape's edge as the caption drawn there has them)."""
+    if len(images) != len(captions) or len(captions) == 0:
+        raise ValueError(f"need as many images as captions (and some), got {len(images)} and {len(captions)}")
+    hits = sum(judge_image(image, caption, min_iou, min_agreement) for image, caption in zip(images, captions, strict=True))
     return hits / len(captions)
 
 
