@@ -23,12 +23,12 @@ demo: $(STAMP)
 		prompt="a red circle on a blue background" num_images=4 steps=25 out_dir=outputs/demo-samples
 
 # Two test processes (pytest-xdist), a file per process at a time so module fixtures are built once: most
-# tests run on one thread, and the machines CI runs on have 2 cores.
+# tests run on one thread, and the machines CI runs on have 2 cores (one torch thread per process).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m ''
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m ''
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
