@@ -345,8 +345,9 @@ def test_ckpt_path_last_starts_fresh_with_a_warning_then_resumes(tmp_path: Path)
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "starting fresh" not in again.stdout + again.stderr
-    newest = max((tmp_path / "runs" / "job").glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    assert newest != last and load_ckpt(newest)["global_step"] == 4
+    # resumed in its own run folder: the same last.ckpt, now at step 4, and no second run folder
+    assert list((tmp_path / "runs" / "job").glob("*/checkpoints/last.ckpt")) == [last]
+    assert load_ckpt(last)["global_step"] == 4
     # an explicit path that does not exist stays an error, in one line
     missing = run_cli("train.py", *tiny_cli_run(tmp_path, f"ckpt_path={tmp_path}/nope.ckpt"), cwd=tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr

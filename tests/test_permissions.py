@@ -83,7 +83,9 @@ def test_train_writes_checkpoints_samples_logs_and_data_world_readable(trained: 
 def test_lora_export_is_world_readable(trained: Path, tmp_path: Path) -> None:
     run = train(tmp_path, "trainer.max_steps=2", "module.lora={rank:2,alpha:4}", f"init_from={last_ckpt(trained)}")
     paths = written(tmp_path)
-    assert run / "lora.safetensors" in paths and run / "checkpoints" / "last.ckpt" in paths
+    # last.ckpt links to the final step file (the link itself has no mode of its own)
+    assert run / "lora.safetensors" in paths and run / "checkpoints" / "step-0000002.ckpt" in paths
+    assert (run / "checkpoints" / "last.ckpt").resolve() == run / "checkpoints" / "step-0000002.ckpt"
     assert_modes(paths, 0o022)
 
 
