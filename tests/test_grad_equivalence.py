@@ -40,6 +40,9 @@ from torch.utils.data import DataLoader, IterableDataset
 import ldm.lightning.module as module_py
 from ldm.lightning.module import LatentDiffusion
 
+# ~2 min of 2-process runs: in `make test-all` (-m slow), keeping `make test` well under CI's budget
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 # What Hydra (here and in the workers) imports this file as: pytest names it `test_grad_equivalence` (tests/ has no
 # __init__.py); not `tests.…`, as a package installed as `tests` (torch-fidelity ships one) would shadow it.

@@ -177,7 +177,9 @@ def test_a_slurm_job_saves_on_its_time_limit_signal_requeues_and_resumes_in_its_
 FSDP_ON_CPU = ("trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2")
 
 
-@pytest.mark.parametrize("strategy", [("trainer=ddp_cpu",), FSDP_ON_CPU], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "strategy", [("trainer=ddp_cpu",), pytest.param(FSDP_ON_CPU, marks=pytest.mark.slow)], ids=["ddp", "fsdp"]
+)
 def test_two_processes_stop_together_on_a_sigterm_to_rank_zero_and_resume(tmp_path: Path, strategy: tuple[str, ...]) -> None:
     """DDP and FSDP (each rank holds a shard of the state: the checkpoint is written by all ranks together)."""
     first = Run(tmp_path, "first", *strategy, "trainer.max_steps=100000")
