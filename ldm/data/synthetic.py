@@ -56,7 +56,7 @@ MANIFEST = "MANIFEST.json"
 _SUPERSAMPLE = 4  # draw large, then shrink: smooth edges without blending in foreign colours
 _SIZE_RANGE = (0.4, 0.7)  # a shape's side (its bounding square's) as a share of the image's
 _JUDGE_SIDE = 32  # the caption judge compares shapes at this side at most (larger images are shrunk)
-_JUDGE_MIN_SIDE = 16  # below, a circle and a square differ by a pixel or two: shapes cannot be told apart
+_JUDGE_MIN_SIDE = 16  # below, a circle and a square differ by a pixel or two (at 16 px, 1 small circle in ~100 ties)
 _CAPTION = re.compile(r"an? (\w+) (\w+) on an? (\w+) background")
 _INSTRUCTION = re.compile(r"make the (\w+) (\w+)")
 _PALETTE_ARRAY = np.array(list(PALETTE.values()), dtype=np.int32)
