@@ -59,15 +59,35 @@ class EMA(nn.Module):
         return min(decay, (1 + n) / (10 + n)) if self.warmup else decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        n, decay_setting = self._host_counters()
-        self._host = (n + 1, decay_setting)
-        self.num_updates.fill_(n + 1)  # a write from the host: no device read
-        decay = self.current_decay()
+    def update(self, model: nn.Module, skip: Tensor | None = None) -> None:
+        """Average the model's current weights in. `skip` (a boolean on the device) makes the update a
+        no-op there, `num_updates` included, with no host read: the training step's non-finite guard
+        decides on the device. Without it the decay comes from the host copies of the counters."""
         params = dict(model.named_parameters())
         shadows = [_local(getattr(self, b)) for b in self.names.values()]
         currents = [_local(params[n].detach()).to(s.dtype) for n, s in zip(self.names, shadows, strict=True)]
-        torch._foreach_lerp_(shadows, currents, 1.0 - decay)
+        if skip is None:
+            n, decay_setting = self._host_counters()
+            self._host = (n + 1, decay_setting)
+            self.num_updates.fill_(n + 1)  # a write from the host: no device read
+            torch._foreach_lerp_(shadows, currents, 1.0 - self.current_decay())
+            return
+        kept = ~skip.to(self.num_updates.device, torch.bool)
+        self.num_updates.add_(kept.to(self.num_updates.dtype))
+        self._host = None  # the counters moved on the device: a host read re-reads them
+        weight = (1.0 - self._device_decay()) * kept  # in float64, as the host path's Python floats
+        weights = {s.dtype: weight.to(s.dtype) for s in shadows}
+        for shadow, current in zip(shadows, currents, strict=True):
+            # the host path's lerp, its weight a 0-dim device tensor where that one is a scalar
+            shadow.lerp_(current, weights[shadow.dtype])
+
+    def _device_decay(self) -> Tensor:
+        """`current_decay` computed where the counters are, in float64 as the host does it."""
+        decay = self.decay.double()
+        if not self.warmup:
+            return decay
+        n = self.num_updates.double()
+        return torch.minimum(decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def shard_like(self, model: nn.Module) -> None:
