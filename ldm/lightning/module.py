@@ -24,6 +24,9 @@ them as `lora.adapters.*` (merged into the UNet when read), and train.py exports
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +34,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -66,8 +70,45 @@ def plain_tensors(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _takes_keyword(func: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return True  # cannot tell: let the call decide
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 class NonFiniteLossError(RuntimeError):
     """Training stopped after too many consecutive non-finite losses."""
+
+
+class _StepOutcome:
+    """Whether an optimizer step was skipped for a non-finite loss, on its way to the host: copied into
+    pinned memory behind the step's work, read at the next step (by then long done, so the read does not
+    wait for the device), together with what its LR scheduler steps would need undone."""
+
+    def __init__(self, skipped: Tensor, step: int):
+        self.step = step
+        self.event = None
+        if skipped.device.type == "cuda":
+            self.host = torch.empty(skipped.shape, dtype=skipped.dtype, pin_memory=True)
+            self.host.copy_(skipped, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = skipped.to("cpu")  # on the CPU already (other devices: a copy)
+        self.schedulers: list[tuple[Any, dict[str, Any], list[Any]]] = []  # (scheduler, its state, its groups' lr) before
+
+    def skipped(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host.numpy())
+
+    def undo_schedulers(self) -> None:
+        for scheduler, state, lrs in reversed(self.schedulers):
+            scheduler.load_state_dict(state)
+            for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
 
 
 class LatentDiffusion(StableDiffusion, L.LightningModule):
@@ -136,12 +177,15 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self.channels_last = channels_last
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
-        self._nonfinite_streak = 0
-        self._skip_optimizer_step = False  # a non-finite loss in this accumulation window
+        self._nonfinite_streak = 0  # consecutive optimizer steps skipped, as far as the host knows
+        self._window_bad: Tensor | None = None  # on the device: a non-finite loss in this accumulation window
+        self._outcome: _StepOutcome | None = None  # the last step's, not yet read (device-side skips)
         self._skip_scheduler_step = False
-        # Data samples the loader skipped so far, all ranks together: a running total each step, exact
-        # at each epoch's end, the run's end and checkpoints, where `_skip_counts` sums the ranks' counts.
-        self.skipped_samples = 0
+        # Data samples the loader skipped so far, all ranks together: a running total each step (on the
+        # device), exact at each epoch's end, the run's end and checkpoints, where `_skip_counts` sums the
+        # ranks' counts.
+        self._skipped_host = 0
+        self._skipped_total: Tensor | None = None
         self._skip_counts = SkipCounts()
         self._skipped_logged: int | None = None  # the exact total last logged at an epoch's end
         self._scale_measured = False
@@ -161,6 +205,17 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             ema_decay = None
         self.model_ema = EMA(self.model, ema_decay, ema_warmup) if ema_decay is not None else None
         self.train()  # Lightning never calls train() before fitting: this puts the frozen parts in eval
+
+    @property
+    def skipped_samples(self) -> int:
+        """Data samples skipped so far, all ranks together (a device read when counted on the device)."""
+        if self._skipped_total is not None:
+            return int(self._skipped_total)
+        return self._skipped_host
+
+    @skipped_samples.setter
+    def skipped_samples(self, value: int) -> None:
+        self._skipped_host, self._skipped_total = int(value), None
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -256,6 +311,13 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         return self._generator
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every rank runs this hook. The last step's outcome first: were it skipped, the LR scheduler's
+        # step is undone, and the file gets the scheduler and optimizer (its groups' LR) as undone.
+        if self._read_outcome() and "lr_schedulers" in checkpoint:
+            trainer = self.trainer
+            checkpoint["lr_schedulers"] = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+            if "optimizer_states" in checkpoint:
+                checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
         checkpoint["ldm_config"] = self.config
         if self.channels_last:  # files hold plain contiguous tensors (safetensors refuses others)
             plain_tensors(checkpoint.get("state_dict") or {})
@@ -302,13 +364,28 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             log.info("scale_factor set to %.5f from the first batch", self.config["scale_factor"])
         return self.scale_factor * z
 
-    def _captions(self, captions: list[str], draw: Tensor | None = None) -> list[str]:
+    def _kept_captions(self, n: int, draw: Tensor | None = None) -> Tensor | None:
+        """Which of the batch's `n` captions stay (a boolean on the device), or None: all of them. The
+        others become "" (caption dropout), in the text encoder's input, with no host read."""
         if self.caption_dropout <= 0:
-            return list(captions)
+            return None
         if draw is None:
-            draw = torch.rand(len(captions), generator=self.generator, device=self.device)
-        keep = draw >= self.caption_dropout
-        return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+            draw = torch.rand(n, generator=self.generator, device=self.device)
+        return draw >= self.caption_dropout
+
+    def _text_context(self, captions: list[str], keep: Tensor | None) -> Tensor:
+        """The text encoder's output for the captions, "" where `keep` is False: the same ids (so the
+        same output) as tokenizing the list with those captions blanked."""
+        tokens = self.text_tokens(captions)
+        if keep is not None:
+            tokens = torch.where(keep.to(tokens.device)[:, None], tokens, self._empty_prompt_tokens(tokens.device))
+        return self.cond_stage_model.encode(tokens)
+
+    def _empty_prompt_tokens(self, device: torch.device) -> Tensor:
+        cached = getattr(self, "_empty_tokens", None)
+        if cached is None or cached.device != device:
+            cached = self._empty_tokens = self.text_tokens([""]).to(device)
+        return cached
 
     def _batch_part(self, batch: dict[str, Any], key: str, data_key: str) -> Tensor:
         if key not in batch:
@@ -365,14 +442,16 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             per_sample = per_sample * self.schedule.min_snr_weight(t, self.min_snr_gamma, self.prediction_type)
         return per_sample.mean()
 
-    def _concat_and_captions(self, batch: dict[str, Any], z0: Tensor) -> tuple[Tensor | None, list[str]]:
+    def _concat_and_captions(self, batch: dict[str, Any], z0: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The UNet's concat input (or None) and which captions stay (see `_kept_captions`)."""
+        n = len(batch["caption"])
         if self.concat == "image":
             # One draw per sample decides both drops, as InstructPix2Pix: with caption_dropout = image_dropout
             # = 2p, text alone, both and image alone are each dropped for a share p of the samples.
-            draw = torch.rand(len(batch["caption"]), generator=self.generator, device=self.device)
+            draw = torch.rand(n, generator=self.generator, device=self.device)
             start = self.caption_dropout / 2
             concat = self._image_condition(batch, (draw >= start) & (draw < start + self.image_dropout))
-            return concat, self._captions(batch["caption"], draw)
+            return concat, self._kept_captions(n, draw)
         if self.concat == "inpainting":
             concat = self._inpainting_condition(batch, z0)
         elif self.concat == "semantic_map":
@@ -380,23 +459,32 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             concat = semantic_condition(seg, self.config["semantic_classes"], tuple(z0.shape[-2:])).to(z0)
         else:
             concat = None
-        return concat, self._captions(batch["caption"])
+        return concat, self._kept_captions(n)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         z0 = self._latents(batch)
-        concat, captions = self._concat_and_captions(batch, z0)
+        concat, keep = self._concat_and_captions(batch, z0)
         with torch.set_grad_enabled(self.train_text_encoder):
-            context = self.encode_text(captions)
+            context = self._text_context(batch["caption"], keep)
         loss = self.diffusion_loss(z0, context if concat is None else {"crossattn": context, "concat": concat})
-        nonfinite, skipped = self._sum_over_ranks(
-            float(not torch.isfinite(loss)), sum((batch.get("skipped") or {}).values())
+        # On the device, summed over ranks: whether any rank's loss is non-finite (every rank then skips
+        # this window's optimizer step alike, see optimizer_step) and the samples the loader skipped.
+        skipped = sum((batch.get("skipped") or {}).values())
+        flags = self._sum_over_ranks(
+            torch.stack([(~torch.isfinite(loss.detach())).float(), torch.full((), float(skipped), device=self.device)])
         )
+        bad = flags[0] > 0
+        self._window_bad = bad if self._window_bad is None else self._window_bad | bad
         # A running total: a per-batch count would be lost on the steps the loggers do not write.
-        self.skipped_samples += int(skipped)
+        if self._skipped_total is None:
+            self._skipped_total = torch.full((), self._skipped_host, dtype=torch.int64, device=self.device)
+        self._skipped_total = self._skipped_total + flags[1].long()
         self._skip_counts.add(batch, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
-        self.log("data/skipped_samples", float(self.skipped_samples), batch_size=z0.shape[0])
-        return self._guard_nonfinite(loss, nonfinite > 0)
+        self.log("data/skipped_samples", self._skipped_total.float(), batch_size=z0.shape[0])
+        # A non-finite loss is returned as it is: its backward runs on every rank alike (DDP's all-reduce,
+        # FSDP's reduce-scatter), and optimizer_step makes the window's update a no-op.
+        return loss
 
     # -- validation loss ----------------------------------------------------------------------------
 
@@ -419,8 +507,8 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         """The training loss on `data.val_shards` (EMA weights when present), at fixed noise and timesteps."""
         with self._validation_draws(batch_idx), torch.no_grad():
             z0 = self._latents(batch)
-            concat, captions = self._concat_and_captions(batch, z0)
-            context = self.encode_text(captions)
+            concat, keep = self._concat_and_captions(batch, z0)
+            context = self._text_context(batch["caption"], keep)
             loss = self.diffusion_loss(z0, context if concat is None else {"crossattn": context, "concat": concat})
         self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=z0.shape[0])
         return loss
@@ -451,6 +539,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self.skipped_samples = total.total
 
     def on_train_epoch_end(self) -> None:
+        self._read_outcome()  # every rank, before the callbacks' on_train_end look at stop_reason
         self._sync_skip_counts()
         epoch = self._skip_counts.end_epoch()
         if not self._skip_counts.seen_counts:
@@ -462,6 +551,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             log.info(summary(epoch, f"epoch {self.current_epoch}", self._skip_counts.list_dir))
 
     def on_train_end(self) -> None:
+        self._read_outcome()
         self._sync_skip_counts()
         if not self._skip_counts.seen_counts or not self.trainer.is_global_zero:
             return
@@ -470,66 +560,134 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
                 logger.log_metrics({"data/skipped_samples": float(self.skipped_samples)}, step=self.global_step)
         log.info(summary(self._skip_counts.synced, "run total", self._skip_counts.list_dir))
 
-    def _sum_over_ranks(self, *values: float) -> list[float]:
-        """One all-reduce for the per-step numbers all ranks must agree on."""
-        summed = self.trainer.strategy.reduce(torch.tensor(values, device=self.device), reduce_op="sum")
-        return summed.tolist()
+    def _sum_over_ranks(self, values: Tensor) -> Tensor:
+        """`values` added up over the ranks, on the device: the host does not wait (torch.distributed's
+        all-reduce directly; Lightning's `reduce` puts a barrier before it, which waits for the device)."""
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(values)
+        return values
 
-    def _guard_nonfinite(self, loss: Tensor, bad: bool) -> Tensor:
-        """`bad` is agreed by all ranks, so none waits in a gradient all-reduce the others skipped."""
-        if not bad:
+    @staticmethod
+    def _skips_on_device(optimizer: Any, precision: Any) -> bool:
+        """Whether `optimizer` can skip its update on the device: torch's fused optimizers take a
+        `found_inf` tensor (as GradScaler gives them) and then change nothing, step counts included.
+        Not under a GradScaler, which sets `found_inf` itself (and would shrink its scale)."""
+        return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and getattr(precision, "scaler", None) is None
+
+    def _note_outcome(self, skipped: bool, step: int) -> None:
+        """Count consecutive skipped steps; at `max_nonfinite_steps` in a row the run is to stop."""
+        if not skipped:
             self._nonfinite_streak = 0
-            return loss
+            return
         self._nonfinite_streak += 1
-        self._skip_optimizer_step = True
         log.warning(
-            "non-finite loss at step %d (%d in a row): skipping its optimizer, LR scheduler and EMA step",
-            self.global_step,
+            "non-finite loss at step %d (%d in a row): skipped its optimizer, LR scheduler and EMA step",
+            step,
             self._nonfinite_streak,
         )
-        if self._nonfinite_streak >= self.max_nonfinite_steps:
+        if self._nonfinite_streak >= self.max_nonfinite_steps and self.stop_reason is None:
             self.stop_reason = (
-                f"{self._nonfinite_streak} consecutive non-finite losses at step {self.global_step}: "
+                f"{self._nonfinite_streak} consecutive non-finite losses at step {step}: "
                 "lower the learning rate, use bf16 instead of fp16, or check the data"
             )
-            self.trainer.should_stop = True
-        # A zero loss with a graph: backward runs on every rank alike (DDP's all-reduce, FSDP's
-        # reduce-scatter), and the optimizer step of this window is skipped (see optimizer_step).
-        return sum(p.sum() for p in self.trainable_parameters()) * 0.0
+
+    def _read_outcome(self) -> bool:
+        """Read the last step's outcome, if not read yet (done by now: no wait for the device), and undo
+        its LR scheduler step if it was skipped. Every rank reads the same value. Returns whether an
+        unread step was skipped."""
+        outcome, self._outcome = self._outcome, None
+        if outcome is None:
+            return False
+        skipped = outcome.skipped()
+        if skipped:
+            outcome.undo_schedulers()
+        self._note_outcome(skipped, outcome.step)
+        return skipped
+
+    def _skip_window(self, optimizer: Any) -> None:
+        self._skip_scheduler_step = True
+        optimizer.zero_grad(set_to_none=True)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         if optimizer_closure is None:
             super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
             return
         # The closure runs this batch's training_step and backward. A window with a non-finite loss on any
-        # rank (agreed in training_step) takes no optimizer step at all: AdamW's momentum and weight decay
-        # would move the weights even on zero gradients. Nor does the LR scheduler or the EMA move.
+        # rank (agreed on the device in training_step) takes no optimizer step: AdamW's momentum and weight
+        # decay would move the weights even on zero gradients. Nor does the LR scheduler or the EMA move.
         loss = optimizer_closure()
-        if self._skip_optimizer_step:
-            self._skip_optimizer_step = False
-            self._skip_scheduler_step = True
-            optimizer.zero_grad(set_to_none=True)
+        bad, self._window_bad = self._window_bad, None
+        inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper keeps its own attributes
+        if bad is None:  # no training_step of ours ran (a subclass's): nothing to guard
+            bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        if not self._skips_on_device(inner, self.trainer.precision_plugin):
+            # e.g. bitsandbytes' 8-bit AdamW, or torch's foreach AdamW: the host reads the flag, once a step
+            # (after the backward is queued).
+            skipped = bool(bad)
+            self._note_outcome(skipped, self.global_step)
+            if self.stop_reason is not None:
+                self.trainer.should_stop = True
+            if skipped:
+                self._skip_window(optimizer)
+                return
+            self._skip_scheduler_step = False
+            super().optimizer_step(epoch, batch_idx, optimizer, lambda: loss)
+            if self.model_ema is not None:
+                self.model_ema.update(self.model)
+            return
+        # Fused optimizers skip on the device, the EMA too, so the host reads the outcome a step late
+        # (nothing waits): an LR scheduler step it took is undone before this step's update uses the LR.
+        self._read_outcome()
+        if self.stop_reason is not None:  # known now: this step is skipped too, and the run stops after it
+            self.trainer.should_stop = True
+            self._skip_window(optimizer)
             return
         self._skip_scheduler_step = False
-        super().optimizer_step(epoch, batch_idx, optimizer, lambda: loss)
+        inner.found_inf = bad.float()
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, lambda: loss)
+        finally:
+            del inner.found_inf
         # Here, not in on_train_batch_end: callbacks' on_train_batch_end (ModelCheckpoint) run before the
         # module's, so a checkpoint written at step N would miss step N's EMA update and resume would differ.
         if self.model_ema is not None:
-            self.model_ema.update(self.model)
+            self.model_ema.update(self.model, skip=bad)
+        self._outcome = _StepOutcome(bad, self.global_step)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         if self._skip_scheduler_step:  # the optimizer step it follows was skipped
             self._skip_scheduler_step = False
             return
+        if self._outcome is not None:  # skipped or not is not known yet: keep what undoing the step needs
+            lrs = [group["lr"] for group in scheduler.optimizer.param_groups]
+            self._outcome.schedulers.append((scheduler, copy.deepcopy(scheduler.state_dict()), lrs))
         super().lr_scheduler_step(scheduler, metric)
+
+    def _optimizer_factory(self) -> Callable[..., torch.optim.Optimizer]:
+        """The configured optimizer with `fused` settled: null is on for CUDA when the optimizer takes
+        a `fused` argument (torch's fused kernels, which also skip a non-finite step on the device) and
+        left out when it does not (`optimizer._target_` naming e.g. bitsandbytes' 8-bit AdamW);
+        true or false is the user's."""
+        factory = self.optimizer_factory
+        keywords = getattr(factory, "keywords", None)
+        if not isinstance(factory, functools.partial) or keywords is None or "fused" not in keywords:
+            return factory
+        takes_fused = _takes_keyword(factory.func, "fused")
+        fused = keywords["fused"]
+        rest = {k: v for k, v in keywords.items() if k != "fused"}
+        if fused is None:
+            if not takes_fused:
+                return functools.partial(factory.func, *factory.args, **rest)
+            return functools.partial(factory.func, *factory.args, **rest, fused=True if self.device.type == "cuda" else None)
+        if not takes_fused:
+            name = getattr(factory.func, "__qualname__", factory.func)
+            raise ValueError(f"optimizer {name} takes no `fused` argument: set module.optimizer.fused=null")
+        return factory
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured (set optimizer=... in the training config)")
-        kwargs = {}
-        if self.device.type == "cuda" and "fused" in getattr(self.optimizer_factory, "keywords", {}):
-            kwargs["fused"] = True
-        optimizer = self.optimizer_factory(params=self.trainable_parameters(), **kwargs)
+        optimizer = self._optimizer_factory()(params=self.trainable_parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)

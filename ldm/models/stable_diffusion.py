@@ -226,11 +226,16 @@ class StableDiffusion(nn.Module):
         return self.model.diffusion_model
 
     def encode_text(self, prompts: list[str]) -> Tensor:
-        tokens = self.cond_stage_model.tokenize(prompts)
+        return self.cond_stage_model.encode(self.text_tokens(prompts))
+
+    def text_tokens(self, prompts: list[str] | Tensor) -> Tensor:
+        """The prompts' token ids (or ids tokenized already) on the text encoder's device."""
+        tokens = prompts if isinstance(prompts, Tensor) else self.cond_stage_model.tokenize(prompts)
         device = self.device_of_text()
-        if device.type == "cuda":  # from pinned memory the copy does not wait for the GPU to drain
-            tokens = tokens.pin_memory().to(device, non_blocking=True)
-        return self.cond_stage_model.encode(tokens.to(device))
+        if device.type == "cuda" and tokens.device.type == "cpu":
+            # from pinned memory the copy does not wait for the GPU to drain
+            tokens = (tokens if tokens.is_pinned() else tokens.pin_memory()).to(device, non_blocking=True)
+        return tokens.to(device)
 
     def device_of_text(self) -> torch.device:
         return next(self.cond_stage_model.parameters()).device
