@@ -1,9 +1,11 @@
 """Save on interrupt: Ctrl-C (SIGINT), a preemption (SIGTERM) or a time-limit warning (SIGUSR1; SIGUSR2
 under submitit) finishes the optimizer step in flight, writes `last.ckpt`, and stops the run cleanly.
 
-The signal handler only takes note. At the end of the next optimizer step every rank asks the others
-(one small all-reduce, only in multi-process runs), so all ranks stop at the same step and write the
-checkpoint together (under FSDP each rank holds a shard of it). The checkpoint is written the way the
+The signal handler only takes note. In multi-process runs the ranks tell each other at the end of each
+optimizer step, without waiting: an all-reduce of one number over a CPU (gloo) group, started at the end
+of step N and read at the end of step N+1, when it has long arrived; so all ranks stop together at the
+step after the signal and write the checkpoint together (under FSDP each rank holds a shard of it). The
+device is never involved, so the step does not wait for it. A single process stops at the signal's step. The checkpoint is written the way the
 run's ModelCheckpoint writes its step files (`step-NNNNNNN.ckpt`, complete on disk before `last.ckpt`
 points at it), so retention and `ckpt_path=last` treat it as any other. A second Ctrl-C exits at once.
 
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ class SaveOnInterrupt(L.Callback):
         self._step_at_batch_start = -1
         self._pid = os.getpid()  # data loader workers inherit the handler and must leave it to this process
         self._rank = 0
+        self._group: Any = None  # the ranks' CPU group for the stop decision (multi-process runs)
+        self._in_flight: tuple[Any, torch.Tensor] | None = None  # (work, flags) of the exchange under way
 
     # -- handlers ------------------------------------------------------------------------------------
 
@@ -113,6 +119,9 @@ class SaveOnInterrupt(L.Callback):
         if stage == "fit":
             self._rank = trainer.global_rank
             self._install()
+            if trainer.world_size > 1 and dist.is_available() and dist.is_initialized() and self._group is None:
+                # every rank runs setup: the group is made by all of them, as new_group needs
+                self._group = dist.new_group(backend="gloo")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._install()  # again: Lightning set its own SIGTERM/SIGUSR1 handlers after `setup`
@@ -125,11 +134,35 @@ class SaveOnInterrupt(L.Callback):
             return  # inside a gradient accumulation window (or a skipped step): not a step boundary
         requested = self.requested is not None
         if trainer.world_size > 1:  # the same decision on every rank, or some would wait in a collective
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+            requested = self._exchange(requested)
         if requested:
             self._stop(trainer)
 
+    def _exchange(self, requested: bool) -> bool:
+        """Whether any rank had a signal at the previous step's end (read now, when it has arrived),
+        sending this rank's news for the next step's end. The same answer on every rank at every step."""
+        if self._group is None:  # no process group of our own (setup did not see one): ask now, and wait
+            flags = torch.tensor([float(requested)])
+            dist.all_reduce(flags)
+            return bool(flags.numpy()[0] > 0)
+        previous = self._finish_exchange()
+        flags = torch.tensor([float(requested)])
+        self._in_flight = (dist.all_reduce(flags, group=self._group, async_op=True), flags)
+        return previous
+
+    def _finish_exchange(self) -> bool:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return False
+        work, flags = in_flight
+        work.wait()
+        return bool(flags.numpy()[0] > 0)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        # The last step's exchange: every rank ends at the same step, so all of them read it here. A signal
+        # in the run's last step stops it as one in any other step would (the final checkpoint, "stopped by").
+        if self.stopped_by is None and self._finish_exchange():
+            self._stop(trainer)
         self._restore()  # a Ctrl-C during the final sampling interrupts it, as usual
         if self.stopped_by is not None or not self.save_at_end or getattr(pl_module, "stop_reason", None):
             return
@@ -140,10 +173,17 @@ class SaveOnInterrupt(L.Callback):
             save_now(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._in_flight = None  # other ranks may not be there to finish it
         self._restore()
 
     def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         self._restore()
+        group, self._group = self._group, None
+        if group is not None and self._in_flight is None and dist.is_initialized():
+            try:
+                dist.destroy_process_group(group)
+            except (RuntimeError, ValueError) as err:  # gone with the default group already
+                log.debug("SaveOnInterrupt: %s", err)
 
     # -- the stop ------------------------------------------------------------------------------------
 
