@@ -44,6 +44,18 @@ class EMA(nn.Module):
     # every step would stall the GPU, so the host keeps copies: read once, after any load of the buffers.
     _host: tuple[int, float] | None = None
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
+        """Moves follow the model (device, sharding), casts do not: under precision=bf16-true Lightning
+        casts the whole module to bf16, but an average of many small steps needs float32 to move at all
+        (a 1e-4 step of a bf16 weight rounds away), so the shadows stay float32, never rounded on the way."""
+        kept = {n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != torch.float32:
+                self._buffers[name] = before if before.device == after.device else before.to(after.device)
+        return self
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self._host = None
         super()._load_from_state_dict(*args, **kwargs)

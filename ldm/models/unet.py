@@ -49,7 +49,10 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32: half-precision statistics over large maps lose too much."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight, bias = self.weight, self.bias
+        if weight is not None and weight.dtype != torch.float32:  # precision=bf16-true: float32 all the same
+            weight, bias = weight.float(), bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def _zero(module: nn.Module) -> nn.Module:
