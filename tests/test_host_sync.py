@@ -138,7 +138,7 @@ def test_caption_dropout_blanks_captions_on_the_device_as_blanking_them_in_the_l
     captions = CAPTIONS * 4
     with no_device_reads():
         keep = module._kept_captions(len(captions))
-        context = module._text_context(captions, keep)
+        context = module._text_context({"caption": captions}, keep)
     kept = keep.tolist()
     assert 0 < sum(kept) < len(kept)  # some dropped, some kept: the comparison below can fail
     blanked = [c if k else "" for c, k in zip(captions, kept, strict=True)]

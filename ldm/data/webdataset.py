@@ -74,11 +74,12 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
@@ -234,6 +235,8 @@ class _StreamSpec:
     cond_image_key: str | None = None
     seg_key: str | None = None
     num_classes: int | None = None
+    # captions -> token ids (the training model's tokenizer), run in the workers: batches get `input_ids`
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
 
 def _tar_samples(url: str, handler: _ShardErrorHandler) -> Generator[dict[str, Any], None, None]:
@@ -414,23 +417,44 @@ class _ShardStream(IterableDataset):
     batch still reach the main process (the loader folds it into a batch). Every item also carries the
     worker's position after it (`_STATE`, taken out by the loader). `rotation` and `starts` resume a pass:
     DataLoader worker i plays the pass's worker (i + rotation) % num_workers, from `starts[that worker]`.
+
+    With `passes` (one queue per DataLoader worker, for persistent workers) the pass is not fixed: each
+    `iter()` in worker i takes (seed, rotation, its start) from `passes[i]`, put there by the loader before
+    it starts the pass. DataLoader calls `iter()` once per worker per pass, in order with the pass's
+    requests (at the worker's start and at each new iteration), so each pass takes exactly its own item.
     """
 
     def __init__(
-        self, spec: _StreamSpec, seed: int, rotation: int = 0, starts: dict[int, dict[str, Any]] | None = None
+        self,
+        spec: _StreamSpec,
+        seed: int = 0,
+        rotation: int = 0,
+        starts: dict[int, dict[str, Any]] | None = None,
+        passes: list[Any] | None = None,
     ) -> None:
         super().__init__()
         self.spec, self.seed = spec, seed
         self.rotation, self.starts = rotation, starts or {}
+        self.passes = passes
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Not a generator itself: the pass's parameters are taken now, when DataLoader asks for the iterator.
         info = get_worker_info()
         loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        worker = (loader_worker + self.rotation) % num_workers
+        if self.passes is not None:
+            seed, rotation, start = self.passes[loader_worker].get()
+        else:
+            seed, rotation = self.seed, self.rotation
+            start = self.starts.get((loader_worker + rotation) % num_workers)
+        return self._batches(seed, (loader_worker + rotation) % num_workers, num_workers, start)
+
+    def _batches(
+        self, seed: int, worker: int, num_workers: int, start: dict[str, Any] | None
+    ) -> Iterator[dict[str, Any]]:
         skips = _Skips()
-        stream = _WorkerStream(self.spec, self.seed, worker, num_workers, skips)
-        if worker in self.starts:
-            stream.restore(self.starts[worker])
+        stream = _WorkerStream(self.spec, seed, worker, num_workers, skips)
+        if start is not None:
+            stream.restore(start)
         batch: list[dict[str, Any]] = []
         for raw in stream.samples():
             try:
@@ -441,12 +465,18 @@ class _ShardStream(IterableDataset):
                 _warn(f"skipping sample {key} in {url}: {skip.reason} {skip.detail}", skip.reason)
                 continue
             if len(batch) == self.spec.batch_size:
-                yield {**_collate(batch, skips), _STATE: stream.state()}
+                yield {**self._collate(batch, skips), _STATE: stream.state()}
                 batch = []
         if batch:
-            yield {**_collate(batch, skips), _STATE: stream.state()}
+            yield {**self._collate(batch, skips), _STATE: stream.state()}
         if skips.counts:
             yield {**skips.take(), _STATE: stream.state()}
+
+    def _collate(self, samples: list[dict[str, Any]], skips: _Skips) -> dict[str, Any]:
+        batch = _collate(samples, skips)
+        if self.spec.tokenizer is not None:  # here, in the worker: the training process only copies the ids
+            batch["input_ids"] = self.spec.tokenizer(batch["caption"])
+        return batch
 
     def _decode(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         caption = caption_from(raw, self.spec.caption_key)
@@ -579,8 +609,12 @@ POSITION = "stream_position"  # in training batches: where the stream stands aft
 class ShardLoader:
     """Iterable of batches over a shard stream; Lightning takes any iterable as a dataloader.
 
-    Each `iter()` is one epoch: a fresh DataLoader over a freshly seeded stream. With
-    `epoch_length` the stream is repeated (new seed each pass) and cut at exactly that many batches.
+    Each `iter()` is one epoch over a freshly seeded stream. With `epoch_length` the stream is repeated
+    (new seed each pass) and cut at exactly that many batches. With `persistent=True` (the training loader)
+    and workers, one DataLoader with persistent workers serves every pass of the run: a pass hands each
+    worker its seed and start through a queue (see `_ShardStream`), so no pass waits for workers to start
+    and import torch again, and the batches are those of a fresh DataLoader per pass, item for item.
+    Otherwise each pass gets a DataLoader of its own.
 
     With `track=True` (the training loader) each batch carries under `POSITION` where the stream stands once
     that batch is trained on. The loader reads ahead (it holds a batch until the next item, DataLoader
@@ -599,8 +633,12 @@ class ShardLoader:
         skipped: Counter[str] | None = None,
         track: bool = False,
         batches_done: Callable[[], int | None] = lambda: None,
+        persistent: bool = False,
     ) -> None:
         self.spec, self.num_workers, self.seed = spec, num_workers, seed
+        self.persistent = persistent and num_workers > 0
+        self._loader: DataLoader | None = None  # the persistent one, made at the first pass
+        self._pass_queues: list[Any] = []
         self.epoch_length = epoch_length
         self.clock = clock
         self.skipped: Counter[str] = Counter() if skipped is None else skipped
@@ -707,12 +745,13 @@ class ShardLoader:
         # turn, skipping those that have ended, so the order goes on as it would have).
         workers: dict[int, dict[str, Any]] = dict(start["workers"]) if start else {}
         rotation = int(start["next_worker"]) if start else 0
-        loader = DataLoader(
-            _ShardStream(self.spec, _mix_seed(self.seed, origin, pass_index), rotation, workers),
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-        )
+        seed = _mix_seed(self.seed, origin, pass_index)
+        if self.persistent:
+            loader = self._persistent_loader()
+            for loader_worker, passes in enumerate(self._pass_queues):
+                passes.put((seed, rotation, workers.get((loader_worker + rotation) % self.num_workers)))
+        else:
+            loader = self._data_loader(_ShardStream(self.spec, seed, rotation, workers))
         # Each batch is held until the next item arrives, so that skips coming after it without a batch
         # (a worker's trailing item) ride on it: none is lost after the last batch, nor when an
         # `epoch_length` cut stops reading after some batch.
@@ -738,6 +777,31 @@ class ShardLoader:
             yield self._hand_out(_fold_skips(held, counts, dropped), (origin, pass_index, done, 0, True), workers)
         else:
             self.skipped.update(counts)  # a pass without a single batch (an error follows): counted still
+
+    def _data_loader(self, dataset: _ShardStream, persistent: bool = False) -> DataLoader:
+        # pinned on a GPU machine: Lightning's copy to the device is non_blocking, and from pinned memory
+        # it does not wait for the device either
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=persistent,
+        )
+
+    def _persistent_loader(self) -> DataLoader:
+        if self._loader is None:
+            self._pass_queues = [torch.multiprocessing.SimpleQueue() for _ in range(self.num_workers)]
+            self._loader = self._data_loader(_ShardStream(self.spec, passes=self._pass_queues), persistent=True)
+        return self._loader
+
+    def close(self) -> None:
+        """Stop the persistent workers (the end of the run); a later pass starts new ones."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._pass_queues = []
 
     def _hand_out(
         self, batch: dict[str, Any], where: tuple[int, int, int, int, bool], workers: dict[int, dict[str, Any]]
@@ -837,6 +901,19 @@ class WebDataModule(lightning.LightningDataModule):
         self._val_urls: list[str] | None = None
         self._train_loader: ShardLoader | None = None
         self._saved_streams: dict[str, Any] | None = None  # from a checkpoint, for the next train_dataloader()
+        self.tokenizer: Callable[[list[str]], torch.Tensor] | None = None
+
+    def tokenize_with(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> bool:
+        """Tokenize captions in the loader's workers with the training model's own tokenizer (the same
+        object, so the same ids): batches get `input_ids` beside `caption`. Returns whether it will: a
+        tokenizer that cannot be pickled reaches workers only where they are forked."""
+        if self.num_workers > 0 and torch.multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
+            try:
+                pickle.dumps(tokenizer)
+            except (pickle.PicklingError, TypeError, AttributeError):
+                return False
+        self.tokenizer = tokenizer
+        return True
 
     def setup(self, stage: str | None = None) -> None:
         self._train_urls = expand_shard_specs(self.train_shards)
@@ -874,6 +951,7 @@ class WebDataModule(lightning.LightningDataModule):
             cond_image_key=self.cond_image_key,
             seg_key=self.seg_key,
             num_classes=self.num_classes,
+            tokenizer=self.tokenizer,
         )
 
     def _rank_and_world_size(self) -> tuple[int, int]:
@@ -903,10 +981,17 @@ class WebDataModule(lightning.LightningDataModule):
             skipped=self.skipped_samples,
             track=True,
             batches_done=self._batches_done,
+            persistent=True,
         )
         loader.resume = self._saved_position()
+        if self._train_loader is not None:
+            self._train_loader.close()
         self._train_loader = loader
         return loader
+
+    def teardown(self, stage: str) -> None:
+        if self._train_loader is not None:
+            self._train_loader.close()
 
     def val_dataloader(self) -> ShardLoader | list:
         if self.val_shards is None:

@@ -259,6 +259,12 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             raise ValueError(
                 "Lightning's FSDPStrategy (FSDP1) is not supported: use trainer=fsdp, which shards with FSDP2"
             )
+        # Captions tokenized in the data loader's workers, by this model's own tokenizer (the same ids),
+        # where the data module can (WebDataModule): the training process only copies the ids over.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(self.cond_stage_model, "tokenizer", None)
+        if tokenizer is not None and callable(getattr(datamodule, "tokenize_with", None)):
+            datamodule.tokenize_with(tokenizer)
 
     def configure_model(self) -> None:
         """Under trainer=fsdp (a device mesh is set), shard the UNet and its EMA; otherwise nothing."""
@@ -373,10 +379,11 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             draw = torch.rand(n, generator=self.generator, device=self.device)
         return draw >= self.caption_dropout
 
-    def _text_context(self, captions: list[str], keep: Tensor | None) -> Tensor:
-        """The text encoder's output for the captions, "" where `keep` is False: the same ids (so the
-        same output) as tokenizing the list with those captions blanked."""
-        tokens = self.text_tokens(captions)
+    def _text_context(self, batch: dict[str, Any], keep: Tensor | None) -> Tensor:
+        """The text encoder's output for the batch's captions, "" where `keep` is False: the same ids (so
+        the same output) as tokenizing the list with those captions blanked. The batch's `input_ids`, when
+        the loader's workers tokenized the captions already, are those same ids."""
+        tokens = self.text_tokens(batch["input_ids"] if "input_ids" in batch else batch["caption"])
         if keep is not None:
             tokens = torch.where(keep.to(tokens.device)[:, None], tokens, self._empty_prompt_tokens(tokens.device))
         return self.cond_stage_model.encode(tokens)
@@ -465,7 +472,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         z0 = self._latents(batch)
         concat, keep = self._concat_and_captions(batch, z0)
         with torch.set_grad_enabled(self.train_text_encoder):
-            context = self._text_context(batch["caption"], keep)
+            context = self._text_context(batch, keep)
         loss = self.diffusion_loss(z0, context if concat is None else {"crossattn": context, "concat": concat})
         # On the device, summed over ranks: whether any rank's loss is non-finite (every rank then skips
         # this window's optimizer step alike, see optimizer_step) and the samples the loader skipped.
@@ -508,7 +515,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         with self._validation_draws(batch_idx), torch.no_grad():
             z0 = self._latents(batch)
             concat, keep = self._concat_and_captions(batch, z0)
-            context = self._text_context(batch["caption"], keep)
+            context = self._text_context(batch, keep)
             loss = self.diffusion_loss(z0, context if concat is None else {"crossattn": context, "concat": concat})
         self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=z0.shape[0])
         return loss
