@@ -12,7 +12,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     "${PLATFORMS[@]}" -d .whl \
     hydra-core==1.3.8 omegaconf==2.3.1 webdataset==1.0.2 braceexpand==0.1.7 open-clip-torch==3.3.0 \
     ftfy==6.3.1 wcwidth==0.9.4 diffusers==0.42.1 \
-    hydra-submitit-launcher==1.2.0 submitit==1.5.4
+    hydra-submitit-launcher==1.2.0 submitit==1.5.4 \
+    pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1  # the gpu-marked tests (device_run.sh)
 # hydra's parser runtime is published as a source archive only; it is pure Python
 python3 -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 ls .whl && du -sh .whl
