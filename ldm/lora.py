@@ -1,6 +1,7 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685) for the UNet: train a low-rank update of chosen layers while
 their weights stay frozen, export it as a kohya/sd-scripts `.safetensors` file (what diffusers'
-`load_lora_weights`, AUTOMATIC1111 and ComfyUI read), and merge LoRA files into weights for sampling.
+`load_lora_weights`, AUTOMATIC1111 and ComfyUI read), and merge LoRA files into weights for sampling:
+their UNet part and their text-encoder part (`lora_te_*`), for SD 1.x's CLIP and SD 2.x's OpenCLIP.
 
     lora = UNetLoRA(model.unet, rank=8, alpha=8)     # adapters on the attention projections, hooked in
     ...train lora.parameters()...
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +151,30 @@ def save_kohya(lora: UNetLoRA, unet_config: Mapping[str, Any], path: str | Path)
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
+# -- reading LoRA files -----------------------------------------------------------------------------
+#
+# Two layouts, for the UNet and the text encoder alike:
+# - kohya/sd-scripts (what A1111, ComfyUI and Civitai use): `<stem>.lora_down.weight`, `<stem>.lora_up.weight`,
+#   `<stem>.alpha`, stems `lora_unet_<diffusers path with _>` and `lora_te_<transformers CLIPTextModel path
+#   with _>`. SD 2.x files name the OpenCLIP text tower by the CLIPTextModel sd-scripts converts it into
+#   (library/model_util.py): OpenCLIP's fused `attn.in_proj` is split in three (q, k, v rows in that order),
+#   `attn.out_proj` is `self_attn.out_proj`, `mlp.c_fc` / `mlp.c_proj` are `mlp.fc1` / `mlp.fc2`.
+# - diffusers/peft: `unet.<diffusers path>.lora_A/lora_B[.default].weight` and `text_encoder.<CLIPTextModel
+#   path>.lora_A/...`, alpha optional (`<path>.alpha`).
+# Each layer's update is W += scale · (α / r) · up @ down, r = down's rows, α = the file's alpha (r when the
+# file has none), as kohya's LoRAModule.merge_to and A1111's Lora extension compute it.
+
 TEXT_KOHYA_PREFIX = "lora_te_"
 TEXT_PEFT_PREFIX = "text_encoder."
+UNET_KEY = "model.diffusion_model."  # where the UNet's weights sit in a StableDiffusion model
+TEXT_KEY = "cond_stage_model."  # and the text encoder's
+
+_KOHYA_KEY = re.compile(r"(?P<stem>lora_(?P<part>unet|te)_[^.]+)\.(?P<what>lora_down\.weight|lora_up\.weight|alpha)")
+_PEFT_KEY = re.compile(
+    r"(?P<part>unet|text_encoder)\.(?P<stem>.+?)\.(?P<what>lora_[AB](?:\.default)?\.weight|alpha)"
+)
+_ROLE = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_CLIP_LINEAR = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
 
 
 def _load(path: str | Path) -> dict[str, Tensor]:
@@ -162,17 +187,77 @@ def _load(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"lora={path} is not a safetensors file ({err})") from None
 
 
-def _changes_text_encoder(sd: Mapping[str, Tensor]) -> bool:
-    return any(k.startswith(("lora_te", TEXT_PEFT_PREFIX, "te.")) for k in sd)
+def _listed(names: Sequence[str]) -> str:
+    names = sorted(names)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _unet_deltas(sd: Mapping[str, Tensor], unet_config: Mapping[str, Any], path: Path | str) -> dict[str, Tensor]:
-    unet_sd = {k: v for k, v in sd.items() if not k.startswith(("lora_te", TEXT_PEFT_PREFIX))}
-    kohya = any(k.startswith(KOHYA_PREFIX) for k in unet_sd)
-    pairs = _kohya_pairs(unet_sd, unet_config, path) if kohya else _peft_pairs(unet_sd, unet_config, path)
-    if not pairs and not _changes_text_encoder(sd):
+def _unknown_keys_hint(keys: Sequence[str]) -> str:
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+        return " (lora_te1_/lora_te2_ are SDXL's two text encoders: an SDXL LoRA, for another architecture)"
+    if any(re.search(r"\.(hada_|lokr_|dora_scale|diff|lora_mid|b_norm|w_norm)", k) for k in keys):
+        return " (LoHa, LoKr, DoRA, LoCon mid weights and full diffs are not supported: only plain LoRA)"
+    return ""
+
+
+def _layers(sd: Mapping[str, Tensor], path: Path | str) -> dict[tuple[str, str, str], dict[str, Tensor]]:
+    """(part "unet"|"text", layout "kohya"|"peft", layer name as the file spells it) -> {down, up, alpha}.
+    Every key must be one of these; the rest is an error that names them."""
+    layers: dict[tuple[str, str, str], dict[str, Tensor]] = {}
+    unknown = []
+    for key, value in sd.items():
+        if m := _KOHYA_KEY.fullmatch(key):
+            part, layout, stem, role = ("unet" if m["part"] == "unet" else "text"), "kohya", m["stem"], _ROLE[m["what"]]
+        elif m := _PEFT_KEY.fullmatch(key):
+            part, layout, stem = ("unet" if m["part"] == "unet" else "text"), "peft", m["stem"]
+            role = "alpha" if m["what"] == "alpha" else ("down" if m["what"].startswith("lora_A") else "up")
+        else:
+            unknown.append(key)
+            continue
+        layers.setdefault((part, layout, stem), {})[role] = value
+    if unknown:
+        raise ValueError(
+            f"lora={path}: keys this LoRA loader does not know: {_listed(unknown)}{_unknown_keys_hint(unknown)}"
+        )
+    for (_, layout, stem), parts in layers.items():
+        for need in ("down", "up"):
+            if need not in parts:
+                name = {("kohya", "down"): "lora_down", ("kohya", "up"): "lora_up",
+                        ("peft", "down"): "lora_A", ("peft", "up"): "lora_B"}[layout, need]
+                raise ValueError(f"lora={path}: {stem}.{name}.weight is missing (each down/A matrix needs its up/B matrix)")
+    if not layers:
         raise ValueError(f"lora={path} holds no LoRA weights (expected kohya 'lora_unet_*' or 'unet.*lora_A' keys)")
-    return {f"{name}.weight": _delta(*parts) for name, parts in pairs.items()}
+    return layers
+
+
+def _alpha(parts: Mapping[str, Tensor]) -> float:
+    return float(parts["alpha"]) if "alpha" in parts else float(parts["down"].shape[0])
+
+
+def _changes_text_encoder(sd: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith(("lora_te", TEXT_PEFT_PREFIX)) for k in sd)
+
+
+def _unet_layer_names(layers, unet_config: Mapping[str, Any], path: Path | str) -> dict[tuple, str]:
+    """The UNet entries of `layers` -> their LDM layer names (`input_blocks.1.1...attn1.to_q`)."""
+    kohya = _kohya_stems(unet_config)
+    peft = {d.removesuffix(".weight"): k.removesuffix(".weight") for k, d in diffusers_key_map(unet_config).items()}
+    names, unknown = {}, []
+    for entry in layers:
+        part, layout, stem = entry
+        if part != "unet":
+            continue
+        name = (kohya if layout == "kohya" else peft).get(stem)
+        if name is None:
+            unknown.append(stem)
+        else:
+            names[entry] = name
+    if unknown:
+        raise ValueError(
+            f"lora={path}: LoRA layers this UNet does not have: {_listed(unknown)} (a LoRA made for another "
+            "architecture? SD 1.x and 2.x UNets differ in depth and width)"
+        )
+    return names
 
 
 def read_lora_file(path: str | Path, unet_config: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -182,90 +267,134 @@ def read_lora_file(path: str | Path, unet_config: Mapping[str, Any]) -> dict[str
     sd = _load(path)
     if _changes_text_encoder(sd):
         raise ValueError(f"lora={path} also changes the text encoder: apply it with merge_lora_file")
-    return _unet_deltas(sd, unet_config, path)
+    layers = _layers(sd, path)
+    return {
+        f"{name}.weight": _delta(layers[e]["down"], layers[e]["up"], _alpha(layers[e]))
+        for e, name in _unet_layer_names(layers, unet_config, path).items()
+    }
 
 
-def _text_encoder_deltas(sd: Mapping[str, Tensor], text_encoder: nn.Module, path: Path | str) -> dict[str, Tensor]:
-    """Updates of a CLIP text encoder's Linear layers (kohya `lora_te_text_model_*`, peft
-    `text_encoder.text_model.*`), keyed by the encoder's own weight names (`transformer.text_model...`)."""
-    te = {k: v for k, v in sd.items() if k.startswith(("lora_te", TEXT_PEFT_PREFIX, "te."))}
-    if not te:
-        return {}
+@dataclass(frozen=True)
+class TextTarget:
+    """Where a text-encoder LoRA layer (named as in transformers' CLIPTextModel) lives in our encoder: a
+    weight below `cond_stage_model.`, and for OpenCLIP's fused in_proj the rows of q, k or v in it."""
+
+    weight: str
+    rows: tuple[int, int] | None
+    in_features: int
+    out_features: int
+
+
+def text_encoder_targets(text_encoder: nn.Module) -> dict[str, TextTarget]:
+    """The Linear layers kohya's text-encoder LoRA adapts (those of CLIPAttention and CLIPMLP), by their
+    CLIPTextModel names (`text_model.encoder.layers.N.self_attn.q_proj`, `...mlp.fc1`), for SD 1.x's
+    CLIP (`CLIPTextEmbedder`) and SD 2.x's OpenCLIP tower (`OpenCLIPTextEmbedder`, mapped as sd-scripts
+    converts it). Every block is listed, the penultimate-layer tower's unused last one too."""
     holder = getattr(text_encoder, "transformer", None)
-    if holder is None or not hasattr(holder, "text_model"):
-        raise ValueError(
-            f"lora={path} changes the text encoder, and text-encoder LoRAs apply to SD 1.x's CLIP text model only "
-            "(not to the OpenCLIP tower of SD 2.x)"
-        )
-    linears = {n: m for n, m in holder.named_modules() if isinstance(m, nn.Linear)}
-    stems = {TEXT_KOHYA_PREFIX + n.replace(".", "_"): n for n in linears}
+    if holder is not None and hasattr(holder, "text_model"):  # CLIP (transformers)
+        return {
+            name: TextTarget(f"transformer.{name}.weight", None, m.in_features, m.out_features)
+            for name, m in holder.named_modules()
+            if isinstance(m, nn.Linear) and _CLIP_LINEAR.fullmatch(name)
+        }
+    tower = getattr(text_encoder, "model", None)
+    blocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
+    if blocks is None:
+        raise ValueError(f"text-encoder LoRA: {type(text_encoder).__name__} is neither a CLIP nor an OpenCLIP text encoder")
+    targets: dict[str, TextTarget] = {}
+    for i, block in enumerate(blocks):
+        ours, theirs = f"model.transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        attn = block.attn
+        if getattr(attn, "in_proj_weight", None) is None:
+            raise ValueError("text-encoder LoRA: this OpenCLIP tower's attention has no fused in_proj weight")
+        width = attn.embed_dim
+        for j, proj in enumerate(("q", "k", "v")):
+            targets[f"{theirs}self_attn.{proj}_proj"] = TextTarget(
+                f"{ours}attn.in_proj_weight", (j * width, (j + 1) * width), width, width
+            )
+        for hf, oc in (("self_attn.out_proj", attn.out_proj), ("mlp.fc1", block.mlp.c_fc), ("mlp.fc2", block.mlp.c_proj)):
+            name = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}[hf]
+            targets[theirs + hf] = TextTarget(f"{ours}{name}.weight", None, oc.in_features, oc.out_features)
+    return targets
+
+
+def kohya_text_stem(name: str) -> str:
+    """A CLIPTextModel layer name as kohya names it in files: `lora_te_text_model_encoder_layers_0_..._q_proj`."""
+    return TEXT_KOHYA_PREFIX + name.replace(".", "_")
+
+
+def _describe_text_encoder(text_encoder: nn.Module, targets: Mapping[str, TextTarget]) -> str:
+    kind = "CLIP (SD 1.x)" if hasattr(text_encoder, "transformer") else "OpenCLIP (SD 2.x)"
+    layers = len({n.split(".")[3] for n in targets})
+    width = next(iter(targets.values())).in_features if targets else 0
+    return f"this model's text encoder is {kind} with {layers} layers of width {width}"
+
+
+def _text_deltas(layers, text_encoder: nn.Module, path: Path | str) -> dict[str, Tensor]:
+    """The text-encoder entries of `layers` as updates of the encoder's weights (keys below
+    `cond_stage_model.`); q, k and v updates of one fused in_proj are summed into one full-size update."""
+    entries = {e: parts for e, parts in layers.items() if e[0] == "text"}
+    if not entries:
+        return {}
+    targets = text_encoder_targets(text_encoder)
+    by_stem = {kohya_text_stem(n): n for n in targets}
+    params = dict(text_encoder.named_parameters())
     deltas: dict[str, Tensor] = {}
-    for key in te:
-        if key.endswith(".lora_down.weight"):
-            stem, up_key = key.removesuffix(".lora_down.weight"), key.replace("lora_down", "lora_up")
-            name = stems.get(stem)
-            alpha_key = f"{stem}.alpha"
-        elif re.fullmatch(r".+\.lora_A(?:\.default)?\.weight", key) and key.startswith(TEXT_PEFT_PREFIX):
-            base = re.sub(r"\.lora_A(?:\.default)?\.weight$", "", key)
-            name = base.removeprefix(TEXT_PEFT_PREFIX) if base.removeprefix(TEXT_PEFT_PREFIX) in linears else None
-            up_key, alpha_key, stem = key.replace("lora_A", "lora_B"), f"{base}.alpha", base
-        else:
-            continue
+    unknown, misfit = [], []
+    for (_, layout, stem), parts in entries.items():
+        if layout == "kohya":
+            name = by_stem.get(stem)
+        else:  # peft: text_encoder.text_model.encoder... (or transformers 5's names without text_model.)
+            name = stem if stem in targets else (f"text_model.{stem}" if f"text_model.{stem}" in targets else None)
         if name is None:
-            raise ValueError(f"lora={path}: text-encoder layer {stem} is not in this CLIP text model")
-        down = te[key]
-        alpha = float(te[alpha_key]) if alpha_key in te else float(down.shape[0])
-        deltas[f"transformer.{name}.weight"] = _delta(down, _up(te, up_key, path), alpha)
-    if not deltas:
-        raise ValueError(f"lora={path}: text-encoder keys of an unknown layout ({sorted(te)[:3]})")
+            unknown.append(stem)
+            continue
+        target, down, up = targets[name], parts["down"], parts["up"]
+        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0] or (
+            (up.shape[0], down.shape[1]) != (target.out_features, target.in_features)
+        ):
+            misfit.append(f"{stem} {tuple(up.shape)}@{tuple(down.shape)} for a {target.in_features}->{target.out_features} layer")
+            continue
+        update = _delta(down, up, _alpha(parts))
+        full = deltas.setdefault(target.weight, torch.zeros(params[target.weight].shape, dtype=torch.float32))
+        if target.rows is None:
+            full += update
+        else:
+            full[target.rows[0] : target.rows[1]] += update
+    about = _describe_text_encoder(text_encoder, targets)
+    if unknown:
+        raise ValueError(
+            f"lora={path}: text-encoder layer{'s' if len(unknown) > 1 else ''} {_listed(unknown)} "
+            f"{'are' if len(unknown) > 1 else 'is'} not in this model ({about}: a LoRA made for another architecture?)"
+        )
+    if misfit:
+        raise ValueError(f"lora={path}: text-encoder LoRA shapes do not fit ({about}; a LoRA for another "
+                         f"architecture?): {_listed(misfit)}")
     return deltas
 
 
-def _kohya_pairs(
-    sd: Mapping[str, Tensor], unet_config: Mapping[str, Any], path: Path | str
-) -> dict[str, tuple[Tensor, Tensor, float]]:
-    stems = _kohya_stems(unet_config)
-    pairs: dict[str, tuple[Tensor, Tensor, float]] = {}
-    unknown = []
-    for key in sd:
-        if not key.endswith(".lora_down.weight"):
+def lora_deltas(model: nn.Module, path: str | Path) -> dict[str, Tensor]:
+    """A LoRA file's weight updates for a StableDiffusion model, (α / r) · up @ down unscaled by the user's
+    scale, keyed by the model's own parameter names (`model.diffusion_model.*`, `cond_stage_model.*`).
+    Every key of the file is read, and every layer checked against the model (names and shapes), so a
+    file for another architecture is refused before anything changes."""
+    sd = _load(path)
+    layers = _layers(sd, path)
+    deltas = {TEXT_KEY + k: v for k, v in _text_deltas(layers, model.cond_stage_model, path).items()}
+    params = dict(model.named_parameters())
+    misfit = []
+    for entry, name in _unet_layer_names(layers, model.config["unet"], path).items():
+        parts = layers[entry]
+        key = f"{UNET_KEY}{name}.weight"
+        weight, down, up = params[key], parts["down"], parts["up"]
+        if up.shape[0] != weight.shape[0] or down.flatten(1).shape[1] != weight[0].numel() or up.flatten(1).shape[1] != down.shape[0]:
+            misfit.append(f"{entry[2]} {tuple(up.shape)}@{tuple(down.shape)} for a {tuple(weight.shape)} weight")
             continue
-        stem = key.removesuffix(".lora_down.weight")
-        if stem not in stems:
-            unknown.append(stem)
-            continue
-        down, up = sd[key], _up(sd, f"{stem}.lora_up.weight", path)
-        alpha = float(sd[f"{stem}.alpha"]) if f"{stem}.alpha" in sd else float(down.shape[0])
-        pairs[stems[stem]] = (down, up, alpha)
-    if unknown:
-        raise ValueError(
-            f"lora={path}: LoRA layers this UNet does not have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
-        )
-    return pairs
-
-
-def _peft_pairs(
-    sd: Mapping[str, Tensor], unet_config: Mapping[str, Any], path: Path | str
-) -> dict[str, tuple[Tensor, Tensor, float]]:
-    to_ldm = {d.removesuffix(".weight"): k.removesuffix(".weight") for k, d in diffusers_key_map(unet_config).items()}
-    pairs: dict[str, tuple[Tensor, Tensor, float]] = {}
-    for key in sd:
-        match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_A(?:\.default)?\.weight", key)
-        if match is None:
-            continue
-        if match[1] not in to_ldm:
-            raise ValueError(f"lora={path}: LoRA layer {match[1]} is not in this UNet")
-        down = sd[key]
-        up = _up(sd, key.replace("lora_A", "lora_B"), path)
-        alpha_key = f"{PEFT_PREFIX}{match[1]}.alpha"
-        pairs[to_ldm[match[1]]] = (down, up, float(sd[alpha_key]) if alpha_key in sd else float(down.shape[0]))
-    return pairs
-
-
-def _up(sd: Mapping[str, Tensor], key: str, path: Path | str) -> Tensor:
-    if key not in sd:
-        raise ValueError(f"lora={path}: {key} is missing (each down/A matrix needs its up/B matrix)")
-    return sd[key]
+        deltas[key] = _delta(down, up, _alpha(parts)).reshape(weight.shape)
+    if misfit:
+        raise ValueError(f"lora={path}: LoRA shapes do not fit this UNet (a LoRA for another architecture? SD 1.x "
+                         f"cross-attention reads 768-wide text, SD 2.x 1024): {_listed(misfit)}")
+    return deltas
 
 
 def _delta(down: Tensor, up: Tensor, alpha: float) -> Tensor:
@@ -279,7 +408,8 @@ def _delta(down: Tensor, up: Tensor, alpha: float) -> Tensor:
 
 @torch.no_grad()
 def merge_deltas(unet: nn.Module, deltas: Mapping[str, Tensor], scale: float = 1.0) -> None:
-    """W += scale · Δ for each LDM weight key of `deltas` (shapes must fit; 1x1 convs and Linears mix)."""
+    """W += scale · Δ for each weight key of `deltas` below `unet` (any module: the UNet with LDM keys, or a
+    whole StableDiffusion model with `lora_deltas`' keys); shapes must fit, 1x1 convs and Linears mix."""
     params = dict(unet.named_parameters())
     for key, delta in deltas.items():
         if key not in params:
@@ -289,12 +419,27 @@ def merge_deltas(unet: nn.Module, deltas: Mapping[str, Tensor], scale: float = 1
 
 
 def merge_lora_file(model: nn.Module, path: str | Path, scale: float = 1.0) -> None:
-    """Merge a LoRA file into a StableDiffusion model: its UNet part, and its CLIP text-encoder part if any."""
-    sd = _load(path)
-    text = _text_encoder_deltas(sd, model.cond_stage_model, path)  # checked first: refuse before changing anything
-    unet = _unet_deltas(sd, model.config["unet"], path)
-    merge_deltas(model.unet, unet, scale)
-    merge_deltas(model.cond_stage_model, text, scale)
+    """Merge a LoRA file into a StableDiffusion model at `scale`: its UNet part and its text-encoder part
+    (SD 1.x CLIP or SD 2.x OpenCLIP), all checked before any weight changes."""
+    merge_deltas(model, lora_deltas(model, path), scale)
+
+
+@contextmanager
+def loras_merged(model: nn.Module, loras: Sequence[tuple[str | Path, float]]) -> Iterator[list[str]]:
+    """`model` with the LoRA files merged (each at its scale, in order, as `sample.py lora=` merges them)
+    inside the block, and its weights exactly as they were after it. Yields the parameter names changed."""
+    deltas = [(lora_deltas(model, path), float(scale)) for path, scale in loras]  # every file checked first
+    params = dict(model.named_parameters())
+    keys = sorted({k for d, _ in deltas for k in d})
+    saved = {k: params[k].detach().clone() for k in keys}
+    try:
+        for d, scale in deltas:
+            merge_deltas(model, d, scale)
+        yield keys
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items():
+                params[k].copy_(v)
 
 
 def adapter_deltas(state_dict: Mapping[str, Tensor], prefix: str = "lora.adapters.") -> dict[str, Tensor]:

@@ -203,7 +203,7 @@ def with_text_encoder_lora(path: Path, model: StableDiffusion, seed: int) -> Non
     save_file(sd, str(path))
 
 
-def test_text_encoder_lora_matches_peft_on_the_clip_model_and_is_refused_for_openclip(tmp_path):
+def test_text_encoder_lora_matches_peft_on_the_clip_model_and_an_sd1_one_is_refused_by_sd2(tmp_path):
     """kohya text-encoder entries (`lora_te_text_model_*`) merged into our CLIP text model give the text
     embeddings of peft's LoRA layers on the same transformers model. (diffusers 0.42 with transformers 5
     drops the attention part of kohya text-encoder LoRAs on load, so it cannot be the reference here.)"""
@@ -239,6 +239,8 @@ def test_text_encoder_lora_matches_peft_on_the_clip_model_and_is_refused_for_ope
     sd2_lora.detach()
     sd2_path = tmp_path / "sd2.safetensors"
     save_kohya(sd2_lora, sd2.config["unet"], sd2_path)
-    with_text_encoder_lora(sd2_path, model, 6)  # CLIP-named layers, for an OpenCLIP model
-    with pytest.raises(ValueError, match="SD 1.x's CLIP text model only"):
+    with_text_encoder_lora(sd2_path, model, 6)  # shaped for the SD 1.x-like CLIP model (MLP 128 wide, not 256)
+    before = {k: v.clone() for k, v in sd2.state_dict().items()}
+    with pytest.raises(ValueError, match=r"text-encoder LoRA shapes do not fit \(this model's text encoder is OpenCLIP"):
         merge_lora_file(sd2, sd2_path)
+    assert all(torch.equal(v, before[k]) for k, v in sd2.state_dict().items()), "a refused file changes nothing"
