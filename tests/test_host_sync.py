@@ -282,3 +282,51 @@ def test_training_steps_on_a_gpu_do_not_synchronise(tmp_path: Path, monkeypatch:
     assert guard.guarded == [0, 1, 2, 4, 5, 6]
     assert last["state_dict"]["model_ema.num_updates"] == 2 * EVERY - 1
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+class RankPoison(L.Callback):
+    """Makes one rank's loss NaN at the given steps; at the end writes what each rank's guard did."""
+
+    def __init__(self, rank: int, steps: list[int], out: str) -> None:
+        self.rank, self.steps, self.out = rank, set(steps), Path(out)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        pl_module.__dict__.pop("diffusion_loss", None)
+        if trainer.global_rank == self.rank and trainer.global_step in self.steps:
+            clean = type(pl_module).diffusion_loss
+            pl_module.diffusion_loss = lambda z0, context: clean(pl_module, z0, context) * float("nan")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        import json
+
+        optimizer = trainer.optimizers[0]
+        weights = torch.cat([p.detach().flatten() for p in pl_module.model.parameters()])
+        record = {
+            "on_device": pl_module._skips_on_device(optimizer, trainer.precision_plugin),
+            "ema_updates": int(pl_module.model_ema.num_updates),
+            "adam_steps": sorted({int(s["step"]) for s in optimizer.state.values()}),
+            "finite": bool(torch.isfinite(weights).all()),
+            "weights": weights.tolist()[:64],
+            "last_epoch": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_a_nan_on_one_rank_is_skipped_by_every_rank_on_the_device(tmp_path: Path) -> None:
+    """Two DDP ranks with fused AdamW, a NaN loss on rank 1 alone at step 1: the flag summed on the device
+    makes rank 0 skip too (its gradients, averaged with rank 1's NaN ones, would otherwise wreck it), the
+    same step on both, and both end on the same finite weights, one EMA, AdamW and LR step short."""
+    import json
+
+    from test_train_ddp import train_ddp
+
+    out = tmp_path / "guard"
+    train_ddp(tmp_path, "fused", "trainer.max_steps=4", "module.optimizer.fused=true",
+              "+callbacks.poison._target_=test_host_sync.RankPoison", "+callbacks.poison.rank=1",
+              "+callbacks.poison.steps=[1]", f"+callbacks.poison.out={out}")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for record in ranks:
+        assert record["on_device"] and record["finite"]
+        assert (record["ema_updates"], record["adam_steps"], record["last_epoch"]) == (3, [3], 3)
+    assert ranks[0]["weights"] == ranks[1]["weights"]
