@@ -2,8 +2,8 @@
 
 The same run under DDP is the reference: sharding changes where the weights, gradients, AdamW state and
 EMA live, not what they are, so after the same steps on the same data both must hold the same numbers.
-Both ride out a NaN loss at step 1 (the non-finite guard's zero loss touches the sharded parameters
-directly, outside FSDP's forward; the step then takes no optimizer, scheduler or EMA update).
+Both ride out a NaN loss at step 1 (its backward runs through FSDP as any other, on NaN gradients; the
+step then takes no optimizer, scheduler or EMA update).
 """
 
 from __future__ import annotations
