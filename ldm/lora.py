@@ -187,9 +187,24 @@ def _load(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"lora={path} is not a safetensors file ({err})") from None
 
 
+def is_lora_file(path: str | Path) -> bool:
+    """Whether `path` is a LoRA file (kohya or peft keys only, read from the header), not a checkpoint."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # not a safetensors file: the checkpoint loader says what it is
+        return False
+    return bool(keys) and all(_KOHYA_KEY.fullmatch(k) or _PEFT_KEY.fullmatch(k) for k in keys)
+
+
 def _listed(names: Sequence[str]) -> str:
     names = sorted(names)
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _unknown_keys_hint(keys: Sequence[str]) -> str:
