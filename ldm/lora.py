@@ -136,16 +136,29 @@ def _kohya_stems(unet_config: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def save_kohya(lora: UNetLoRA, unet_config: Mapping[str, Any], path: str | Path) -> None:
-    """The adapters as a kohya/sd-scripts LoRA file: `<stem>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
-    to_stem = {ldm: stem for stem, ldm in _kohya_stems(unet_config).items()}
+def save_kohya(
+    lora: UNetLoRA | None, unet_config: Mapping[str, Any], path: str | Path, text_lora: TextEncoderLoRA | None = None
+) -> None:
+    """The adapters as a kohya/sd-scripts LoRA file: `<stem>.lora_down.weight`, `.lora_up.weight`, `.alpha`;
+    the UNet's as `lora_unet_*`, a text encoder's (`text_lora`) as `lora_te_*`, in one file."""
+    if lora is None and text_lora is None:
+        raise ValueError("save_kohya: no adapters to save (give the UNet's, the text encoder's, or both)")
     tensors: dict[str, Tensor] = {}
-    for key, adapter in lora.adapters.items():
-        stem = to_stem[key.replace("__", ".")]
+
+    def put(stem: str, adapter: LoRAAdapter) -> None:
         tensors[f"{stem}.lora_down.weight"] = adapter.down.weight.detach().float().cpu().contiguous()
         tensors[f"{stem}.lora_up.weight"] = adapter.up.weight.detach().float().cpu().contiguous()
         tensors[f"{stem}.alpha"] = adapter.alpha.detach().float().cpu().reshape(())
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank), "ss_network_alpha": str(lora.alpha)}
+
+    if lora is not None:
+        to_stem = {ldm: stem for stem, ldm in _kohya_stems(unet_config).items()}
+        for key, adapter in lora.adapters.items():
+            put(to_stem[key.replace("__", ".")], adapter)
+    if text_lora is not None:
+        for key, adapter in text_lora.adapters.items():
+            put(kohya_text_stem(key.replace("__", ".")), adapter)
+    first = lora if lora is not None else text_lora
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank), "ss_network_alpha": str(first.alpha)}
     from ldm.checkpoint import atomic_write  # renamed into place, with a new file's usual permissions
 
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -467,3 +480,169 @@ def adapter_deltas(state_dict: Mapping[str, Tensor], prefix: str = "lora.adapter
         )
         for n in names
     }
+
+
+# -- training a text-encoder LoRA ---------------------------------------------------------------------------
+#
+#     text_lora = TextEncoderLoRA(model.cond_stage_model, rank=8, alpha=8)   # hooked in; the encoder stays frozen
+#     ...train text_lora.parameters() (its own learning rate)...
+#     save_kohya(unet_lora, model.config["unet"], "style.safetensors", text_lora=text_lora)   # lora_unet_* + lora_te_*
+#
+# Layers are named as kohya names them (transformers CLIPTextModel names, for OpenCLIP too: see
+# `text_encoder_targets`). CLIP's Linears get forward hooks that add the adapter's output, as UNetLoRA's do.
+# OpenCLIP's q, k, v and out_proj sit inside nn.MultiheadAttention, which reads `in_proj_weight` and
+# `out_proj.weight` as tensors (no Linear call to hook), so for the length of its forward those two are
+# W + (α / r) · up @ down (q, k, v rows stacked), the Parameters put back after; W itself never changes and
+# the encoder's state_dict keeps its LDM names whenever it is read.
+
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # kohya: CLIPAttention and CLIPMLP Linears
+
+
+class TextEncoderLoRA(nn.Module):
+    """Adapters for `targets` of every layer of a CLIP or OpenCLIP text encoder, hooked in (see `attach`)."""
+
+    def __init__(self, text_encoder: nn.Module, rank: int = 4, alpha: float | None = None,
+                 targets: Sequence[str] = TEXT_TARGETS):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        unknown = sorted(set(targets) - set(TEXT_TARGETS))
+        if unknown:
+            raise ValueError(f"text-encoder LoRA targets {unknown} are not among {list(TEXT_TARGETS)}")
+        self.rank, self.alpha, self.targets = rank, float(alpha if alpha is not None else rank), tuple(targets)
+        # SD 2.x's tower skips its last block (penultimate layer): no adapters there, as sd-scripts' 23-layer
+        # CLIPTextModel has none (and diffusers' SD 2.x text encoder has no 24th layer to load them into).
+        used = getattr(text_encoder, "num_blocks_used", None)
+        chosen = {
+            n: t for n, t in text_encoder_targets(text_encoder).items()
+            if n.rsplit(".", 1)[-1] in self.targets and (used is None or int(n.split(".")[3]) < used)
+        }
+        self.adapters = nn.ModuleDict(
+            {_key(n): LoRAAdapter(t.in_features, t.out_features, rank, self.alpha) for n, t in chosen.items()}
+        )
+        self._targets = chosen
+        self._handles: list[Any] = []
+        self.attach(text_encoder)
+
+    def layer_names(self) -> list[str]:
+        return [k.replace("__", ".") for k in self.adapters]
+
+    def attach(self, text_encoder: nn.Module) -> None:
+        """Hook the adapters into `text_encoder` (again after `detach`)."""
+        self.detach()
+        modules = dict(text_encoder.named_modules())
+        swaps: dict[str, list[tuple[str, TextTarget, LoRAAdapter]]] = {}
+        for key, adapter in self.adapters.items():
+            target = self._targets[key.replace("__", ".")]
+            owner = target.weight.removesuffix(".weight").removesuffix(".in_proj_weight")
+            module = modules.get(owner)
+            if isinstance(module, nn.Linear) and type(module) is nn.Linear:  # called as a Linear: add its output
+                self._handles.append(module.register_forward_hook(_AddAdapter(adapter)))
+            else:  # a weight of nn.MultiheadAttention (OpenCLIP in_proj, out_proj): swapped in for its forward
+                attention = target.weight.split(".attn.")[0] + ".attn"
+                swaps.setdefault(attention, []).append((target.weight[len(attention) + 1 :], target, adapter))
+        for attention, parts in swaps.items():
+            swap = _SwapWeights(modules[attention], parts)
+            self._handles += [modules[attention].register_forward_pre_hook(swap.before),
+                              modules[attention].register_forward_hook(swap.after), swap]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def deltas(self) -> dict[str, Tensor]:
+        """Weight key below `cond_stage_model.` -> the update (α / r) · up @ down (q, k, v rows stacked in
+        OpenCLIP's in_proj), what merging the exported file adds at scale 1."""
+        out: dict[str, Tensor] = {}
+        for key, adapter in self.adapters.items():
+            target = self._targets[key.replace("__", ".")]
+            update = (adapter.up.weight @ adapter.down.weight) * adapter.scale
+            if target.rows is not None:
+                update = _as_rows(update, target.rows, 3 * target.out_features)
+            out[target.weight] = out.get(target.weight, 0) + update
+        return out
+
+
+class _SwapWeights:
+    """Pre/post forward hooks of an nn.MultiheadAttention: its `in_proj_weight` / `out_proj.weight` read as
+    W + the adapters' update during its forward (autograd reaches the adapters), the Parameters after."""
+
+    def __init__(self, attention: nn.Module, parts: list[tuple[str, TextTarget, LoRAAdapter]]):
+        self.parts, self.saved = parts, None
+        self.attention = attention
+
+    def _owners(self) -> dict[str, tuple[nn.Module, str]]:
+        out = {}
+        for name, _, _ in self.parts:
+            module, attr = (self.attention.out_proj, "weight") if name == "out_proj.weight" else (self.attention, name)
+            out[name] = (module, attr)
+        return out
+
+    def before(self, module: nn.Module, args: Any) -> None:
+        self.restore()
+        updates: dict[str, Tensor] = {}
+        owners = self._owners()
+        for name, target, adapter in self.parts:
+            weight = owners[name][0]._parameters[owners[name][1]]
+            update = (adapter.up.weight @ adapter.down.weight * adapter.scale).to(weight.dtype)
+            if target.rows is not None:
+                update = _as_rows(update, target.rows, weight.shape[0])
+            updates[name] = updates.get(name, 0) + update
+        self.saved = {}
+        for name, update in updates.items():
+            owner, attr = owners[name]
+            weight = owner._parameters.pop(attr)
+            self.saved[name] = (owner, attr, weight)
+            owner.__dict__[attr] = weight + update
+
+    def after(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for owner, attr, weight in (self.saved or {}).values():
+            owner.__dict__.pop(attr, None)
+            owner._parameters[attr] = weight
+        self.saved = None
+
+    def remove(self) -> None:  # a handle of TextEncoderLoRA: detaching puts the Parameters back
+        self.restore()
+
+
+def _as_rows(update: Tensor, rows: tuple[int, int], total: int) -> Tensor:
+    """`update` as rows `rows` of a (total, in) tensor of zeros (differentiable)."""
+    return torch.nn.functional.pad(update, (0, 0, rows[0], total - rows[1]))
+
+
+def text_target_of(name: str, kind: str, width: int) -> TextTarget:
+    """Where the CLIPTextModel layer `name` lives in a `kind` ("clip" or "openclip") text encoder of hidden
+    size `width`, from names alone (a checkpoint's adapters, no module built)."""
+    m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])", name)
+    if m is None:
+        raise ValueError(f"{name} is not a text-encoder LoRA layer (CLIPAttention or CLIPMLP Linear)")
+    if kind == "clip":
+        return TextTarget(f"transformer.{name}.weight", None, 0, 0)
+    block = f"model.transformer.resblocks.{m[1]}."
+    if m[3] in ("q", "k", "v"):
+        j = "qkv".index(m[3])
+        return TextTarget(f"{block}attn.in_proj_weight", (j * width, (j + 1) * width), width, width)
+    return TextTarget(block + {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
+                               "mlp.fc2": "mlp.c_proj"}[m[2]] + ".weight", None, 0, 0)
+
+
+def text_adapter_deltas(
+    state_dict: Mapping[str, Tensor], kind: str, prefix: str = "text_lora.adapters."
+) -> dict[str, Tensor]:
+    """The updates of a TextEncoderLoRA saved in a training checkpoint (keys `<prefix><name>.*`), keyed by
+    weight names below `cond_stage_model.`; OpenCLIP's q, k, v rows come back as slices to add (see
+    `add_text_deltas`)."""
+    names = sorted({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
+    out: dict[str, Tensor] = {}
+    for n in names:
+        down, up = state_dict[f"{prefix}{n}.down.weight"], state_dict[f"{prefix}{n}.up.weight"]
+        update = _delta(down, up, float(state_dict[f"{prefix}{n}.alpha"]))
+        target = text_target_of(n.replace("__", "."), kind, down.shape[1])
+        if target.rows is not None:
+            update = _as_rows(update, target.rows, 3 * down.shape[1])
+        out[target.weight] = out.get(target.weight, 0) + update
+    return out

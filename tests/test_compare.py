@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import model_config, randomize_
+from hydra import compose, initialize_config_module
 from PIL import Image
 from test_lora import model_with_lora
 from test_sample import assert_moves, pixel_diff, sample_config
 
 from ldm.checkpoint import checkpoint_from_model, save_checkpoint
+from ldm.cli.sample import UsageError
 from ldm.cli.sample import run as sample_run
+from ldm.compare import run as compare_run
 from ldm.lora import save_kohya
 from ldm.models.stable_diffusion import StableDiffusion
 
@@ -151,11 +154,9 @@ def test_bad_variants_are_one_clear_line(tmp_path):
     sd2_path = tmp_path / "sd2style.safetensors"
     save_kohya(sd2_lora, sd2.config["unet"], sd2_path)
     common = [f"base={paths['base']}", "prompt=a cat", "steps=1", "height=32", "width=32", f"out_dir={tmp_path / 'o'}"]
-    cases = [
+    cases = [  # through the command line: the two a user meets most
         ([f"variants=[{tmp_path / 'nope.safetensors'}]"], [f"variants[0]={tmp_path / 'nope.safetensors'} does not exist"]),
         ([f"variants=[{{lora:{sd2_path},scale:0.8}}]"], [f"column 'sd2style @ 0.8': lora={sd2_path}", "another architecture"]),
-        ([f"variants=[{{ckpt:{paths['lora']}}}]"], ["is a LoRA file: give it as lora="]),
-        ([f"variants=[{{lora:{paths['lora']},strength:2}}]"], ["unknown key(s) strength"]),
     ]
     for args, messages in cases:
         done = cli(*common, *args, module=True)
@@ -164,4 +165,18 @@ def test_bad_variants_are_one_clear_line(tmp_path):
         assert lines[-1].startswith("ldm-compare: error: "), (args, done.stderr[-2000:])
         assert all(m in lines[-1] for m in messages), (args, messages, lines[-1])
         assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    for args, message in (  # and in the process (the same run(), one line each)
+        ([f"variants=[{{ckpt:{paths['lora']}}}]"], "is a LoRA file: give it as lora="),
+        ([f"variants=[{{lora:{paths['lora']},strength:2}}]"], "unknown key(s) strength"),
+        (["variants=[{trigger:x}]"], "names neither ckpt= (a full checkpoint) nor lora="),
+        ([f"base={paths['lora']}"], "is a LoRA file, not a checkpoint"),
+    ):
+        with pytest.raises(UsageError) as err:
+            compare_run(compare_config([*common, *args]))
+        assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("grid-*.png")), "no grid from bad input"
+
+
+def compare_config(overrides: list[str]):
+    with initialize_config_module(config_module="ldm.conf", version_base="1.3"):
+        return compose(config_name="compare", overrides=overrides)

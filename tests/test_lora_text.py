@@ -265,3 +265,81 @@ def test_sd2_unet_lora_on_sd1_and_a_missing_up_matrix_are_refused(tmp_path):
     save_file({k: v for k, v in sd.items() if k != up}, str(path))
     with pytest.raises(ValueError, match=r"lora_up\.weight is missing"):
         merge_lora_file(sd2, path)
+
+
+# -- training a text-encoder LoRA: hooked adapters, their kohya export, their checkpoint form -------------------
+
+
+def trained(text_lora, seed: int):
+    """A trained-looking TextEncoderLoRA: up no longer zero."""
+    generator = torch.Generator().manual_seed(seed)
+    for adapter in text_lora.adapters.values():
+        adapter.up.weight.data = torch.randn(adapter.up.weight.shape, generator=generator) * 0.3
+    return text_lora
+
+
+@pytest.mark.parametrize("sd2", [False, True])
+def test_hooked_text_encoder_adapters_equal_their_kohya_file_and_peft(tmp_path, sd2):
+    """TextEncoderLoRA hooked into CLIP / OpenCLIP gives the embeddings of (a) its exported kohya file merged
+    by sample.py's loader and (b) peft's LoRA layers with the same matrices on the transformers CLIPTextModel
+    (SD 1.x's own; SD 2.x's as sd-scripts converts it). A fresh adapter changes nothing, gradients reach
+    every adapter (q, k and v inside OpenCLIP's fused in_proj too) and no frozen weight, and the encoder's
+    state_dict keeps its LDM names while hooked."""
+    from ldm.lora import TextEncoderLoRA, text_adapter_deltas
+
+    model = sd2_model(31) if sd2 else model_with_lora(31)[0]
+    model.requires_grad_(False)
+    encoder = model.cond_stage_model
+    keys = set(encoder.state_dict())
+    tokens = encoder.tokenize([PROMPT, "a cat"])
+    with torch.no_grad():
+        base = encoder.encode(tokens)
+    fresh = TextEncoderLoRA(encoder, rank=2, alpha=3.0)
+    assert len(fresh.adapters) == 6 * 2  # SD 2.x: none on the tower's unused last block (of 3)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode(tokens), base, rtol=0, atol=0)
+    fresh.detach()
+    text_lora = trained(TextEncoderLoRA(encoder, rank=2, alpha=3.0), 31)
+    assert set(encoder.state_dict()) == keys, "hooking the adapters renamed the encoder's weights"
+    hooked = encoder.encode(tokens)
+    hooked.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in text_lora.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in encoder.parameters()), "a frozen weight got a gradient"
+    hooked = hooked.detach()
+    assert (hooked - base).abs().mean() > MOVES, "the trained adapters must move the embeddings"
+    with torch.no_grad():  # inference (nn.MultiheadAttention's fast path may run): the same
+        torch.testing.assert_close(encoder.encode(tokens), hooked, rtol=RTOL, atol=ATOL)
+    path = tmp_path / "te.safetensors"
+    save_kohya(None, model.config["unet"], path, text_lora=text_lora)
+    assert all(k.startswith("lora_te_text_model_encoder_layers_") for k in load_file(str(path)))
+    text_lora.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode(tokens), base, rtol=0, atol=0)  # detached: the plain encoder
+        reference = openclip_as_clip(model) if sd2 else copy.deepcopy(encoder.transformer)
+        adapted = with_peft_lora(reference, path, scale=1.0)
+        theirs = hidden(adapted if sd2 else adapted.text_model, tokens)
+        merged = copy.deepcopy(model)
+        merge_lora_file(merged, path)
+        from_file = merged.cond_stage_model.encode(tokens)
+        # the checkpoint form (adapters saved beside the frozen encoder) merges to the same weights
+        state = {f"text_lora.{k}": v for k, v in text_lora.state_dict().items()}
+        deltas = text_adapter_deltas(state, "openclip" if sd2 else "clip")
+        assert deltas.keys() == text_lora.deltas().keys()
+        for key, delta in deltas.items():
+            torch.testing.assert_close(delta, text_lora.deltas()[key], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(hooked, theirs, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(from_file, theirs, rtol=RTOL, atol=ATOL)
+
+
+def test_unet_and_text_encoder_adapters_in_one_kohya_file(tmp_path):
+    from ldm.lora import TextEncoderLoRA
+
+    model, lora = model_with_lora(32)
+    text_lora = trained(TextEncoderLoRA(model.cond_stage_model, rank=2, targets=("q_proj", "v_proj")), 32)
+    path = tmp_path / "both.safetensors"
+    save_kohya(lora, model.config["unet"], path, text_lora=text_lora)
+    sd = load_file(str(path))
+    assert {k.split("_")[1] for k in sd} == {"unet", "te"}
+    assert sum(k.endswith(".lora_down.weight") and k.startswith("lora_te_") for k in sd) == 4  # 2 layers x q, v
+    with pytest.raises(ValueError, match=r"\['fc3'\] are not among"):
+        TextEncoderLoRA(model.cond_stage_model, targets=("q_proj", "fc3"))
