@@ -311,7 +311,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     raise UsageError(f"column {column.label!r}: {err}") from None
         if size is None:
             size = output_size(master, None, cfg.height, cfg.width)
-        work = master if device.type == "cpu" and dtype == "fp32" else copy.deepcopy(master).to(device, torch_dtype(dtype))
+        work = sampling_model(master, device, dtype)
         hashes.setdefault(ckpt, pnginfo.model_hash(ckpt))
         for i, column in mine:
             with loras_merged(master, [(p, column.scale) for p in column.lora]) as changed:
@@ -336,6 +336,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             torch.cuda.empty_cache()
     records.sort(key=lambda r: (r["row"], r["column"]))
     return _write(cfg, columns, rows, cells, records)
+
+
+def sampling_model(master, device, dtype: str):
+    """The model that samples: the float32 CPU master itself, or a copy on the device in `dtype` (into
+    which `_sync` copies each column's merged weights, as sample.py casts its merged model)."""
+    if device.type == "cpu" and dtype == "fp32":
+        return master
+    return copy.deepcopy(master).to(device, torch_dtype(dtype))
 
 
 def _sync(work, master, keys: list[str]) -> None:

@@ -180,3 +180,30 @@ def test_bad_variants_are_one_clear_line(tmp_path):
 def compare_config(overrides: list[str]):
     with initialize_config_module(config_module="ldm.conf", version_base="1.3"):
         return compose(config_name="compare", overrides=overrides)
+
+
+def test_a_sampling_copy_of_the_model_gets_each_columns_weights_and_loses_them_after(tmp_path, monkeypatch):
+    """On a GPU (or in half precision) cells come from a copy of the float32 master into which each column's
+    merged weights are copied and then restored; a CPU copy in float32 must give the master's own grid."""
+    import copy
+
+    from ldm import compare
+
+    paths = write_models(tmp_path)
+    common = [f"base={paths['base']}", f"variants=[{{lora:{paths['lora']},scale:[1.5,0]}},{paths['base']}]",
+              "prompt=a red circle", f"steps={STEPS}", f"height={SIZE}", f"width={SIZE}", "device=cpu"]
+    own = compare_run(compare_config([*common, f"out_dir={tmp_path / 'own'}"]))
+    monkeypatch.setattr(compare, "sampling_model", lambda master, device, dtype: copy.deepcopy(master))
+    copied = compare_run(compare_config([*common, f"out_dir={tmp_path / 'copy'}"]))
+    a, b = (np.asarray(Image.open(s["grid"]).convert("RGB")).astype(int) for s in (own, copied))
+    assert np.array_equal(a, b)
+    summary = copied
+    base, lora, zero, again = (cell(Image.open(summary["grid"]).convert("RGB"), summary, 0, c) for c in range(4))
+    assert_moves(lora.astype(np.uint8), base.astype(np.uint8), "the LoRA in the copy")
+    assert np.array_equal(zero, base) and np.array_equal(again, base), "the copy kept a column's LoRA"
+    # and a copy that never gets the merged weights is caught
+    monkeypatch.setattr(compare, "_sync", lambda work, master, keys: None)
+    broken = compare_run(compare_config([*common, f"out_dir={tmp_path / 'broken'}"]))
+    assert np.array_equal(cell(Image.open(broken["grid"]).convert("RGB"), broken, 0, 1), base), (
+        "without _sync the LoRA column should show the base (so the comparison above can fail)"
+    )
