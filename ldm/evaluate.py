@@ -110,7 +110,20 @@ def _table_rows(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
 
 
-def read_prompt_set(spec: str, caption_key: str = "txt") -> PromptSet:
+def _row_image(template: str, row: dict[str, Any], number: int, spec: str) -> str:
+    """`template` filled from a table row's columns (integers as integers, so `{image_id:012d}` works)."""
+    values = {str(k): (int(v) if isinstance(v, str) and v.strip().isdigit() else v) for k, v in row.items()}
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as err:
+        raise UsageError(f"image_template={template} does not fit row {number} of prompts={spec} ({err!r}); "
+                         f"its columns: {list(row)}") from None
+
+
+def read_prompt_set(spec: str, caption_key: str = "txt", image_template: str | None = None) -> PromptSet:
+    """The captions of a prompt file (and the reference images it lists). A table without an image column
+    names its images through `image_template`, filled from each row's columns, relative to the file:
+    MLPerf's `val2014_30k.tsv` (image_id, id, caption) with `val2014/COCO_val2014_{image_id:012d}.jpg`."""
     from ldm.metrics import ImageSet, looks_like_shards
 
     path = Path(spec)
@@ -137,12 +150,53 @@ def read_prompt_set(spec: str, caption_key: str = "txt") -> PromptSet:
             raise UsageError(f"prompts={spec}: row {empty[0]} has an empty {caption} ({len(empty)} such rows)")
         image = next((c for c in IMAGE_COLUMNS if c in columns), None)
         images = [str(path.parent / str(r[image])) for r in rows] if image else None
+        if image_template and images is None:
+            images = [str(path.parent / _row_image(image_template, r, n, spec)) for n, r in enumerate(rows, start=1)]
     else:
         captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         images = None
+        if image_template:
+            raise UsageError(f"image_template= names images by a table's columns: prompts={spec} is not a "
+                             ".csv/.tsv/.jsonl table")
     if not captions:
         raise UsageError(f"prompts={spec} holds no prompts")
     return PromptSet(captions, images)
+
+
+def resolve_reference(
+    names: Sequence[str], reference_spec: str | None, prompts: PromptSet | None, prompts_spec: str | None,
+    count: int | None, caption_key: str = "txt", what: str = "reference",
+) -> ImageSet | None:
+    """FID/KID's real images: `reference` (a folder or shards), else the first `count` images the prompts list
+    (their shards' pictures, or a table's image column); None when no metric compares with real images."""
+    from ldm.metrics import REFERENCE_METRICS, ImageSet
+
+    if not any(n in REFERENCE_METRICS for n in names):
+        return None
+    if reference_spec is not None:
+        return ImageSet.from_spec(reference_spec, caption_key, what=what)
+    if prompts is not None and prompts.shards is not None:
+        return ImageSet(prompts.shards.items[:count], prompts.shards.source, prompts.shards.shards)
+    if prompts is not None and prompts.images is not None:
+        return ImageSet.from_files(prompts.images[:count], f"prompts={prompts_spec}")
+    wanted = ", ".join(n for n in names if n in REFERENCE_METRICS)
+    raise UsageError(f"{wanted} compare with real images: give {what}=DIR|SHARDS (or prompts with an image "
+                     f"column), or leave {wanted} out of metrics=")
+
+
+def batch_noise(model: Any, indices: Sequence[int], seed: int, height: int, width: int) -> tuple[Any, Any]:
+    """(the sampler's generator, z_T) for the images `indices`: image i's z_T from a generator seeded `seed + i`,
+    so any image can be made alone; the first image's generator draws the sampler's noise (with one image per
+    batch this is exactly sample.py's prompt at seed `seed + i`)."""
+    import torch
+
+    from ldm.sampling import initial_noise
+
+    generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in indices]
+    noise = torch.cat([
+        initial_noise(1, model.latent_channels, height, width, model.downsampling_factor, g) for g in generators
+    ])
+    return generators[0], noise
 
 
 def _settings_of_png(path: Path) -> dict[str, Any] | None:
@@ -176,12 +230,11 @@ def _raise_interrupt(*_: Any) -> None:
 def generate_set(cfg: DictConfig, captions: Sequence[str], out_dir: Path) -> list[Path]:
     """out_dir/00000.png ... one per caption, image i from seed `seed + i`; complete images of the same settings
     are kept, the rest generated in batches that start at multiples of batch_size."""
-    import torch
     from PIL import Image
     from tqdm.auto import tqdm
 
     from ldm.checkpoint import load_model
-    from ldm.sampling import SamplerSettings, generate, initial_noise, output_size, to_uint8
+    from ldm.sampling import SamplerSettings, generate, output_size, to_uint8
 
     if cfg.dtype not in DTYPES:
         raise UsageError(f"dtype={cfg.dtype} is not one of {sorted(DTYPES)}")
@@ -274,14 +327,9 @@ def generate_set(cfg: DictConfig, captions: Sequence[str], out_dir: Path) -> lis
     try:
         for chunk in todo:
             indices = list(range(chunk * batch_size, min((chunk + 1) * batch_size, len(paths))))
-            generators = [torch.Generator("cpu").manual_seed(int(cfg.seed) + i) for i in indices]
-            noise = torch.cat([
-                initial_noise(1, model.latent_channels, height, width, model.downsampling_factor, g) for g in generators
-            ])
-            # The first image's generator draws the sampler's noise too: with batch_size=1 this is exactly
-            # ldm.sampling.generate_images (sample.py) for that prompt and seed.
+            generator, noise = batch_noise(model, indices, int(cfg.seed), height, width)
             images = generate(model, [captions[i] for i in indices], negative, settings, height=height, width=width,
-                              generator=generators[0], noise=noise)
+                              generator=generator, noise=noise)
             for i, array in zip(indices, to_uint8(images), strict=True):
                 if i in wanted:
                     save_png(Image.fromarray(array), paths[i], png_metadata(expected(i)))
@@ -356,25 +404,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.num_images is not None and int(cfg.num_images) < 1:
         raise UsageError(f"num_images must be at least 1, got {cfg.num_images}")
     out_dir = Path(cfg.out_dir)
-    needs_reference = any(n in ("fid", "kid") for n in names)
 
     # Everything that can be wrong with the inputs is found before hours of generation.
-    prompts = read_prompt_set(prompts_spec, cfg.caption_key) if prompts_spec else None
+    prompts = read_prompt_set(prompts_spec, cfg.caption_key, cfg.get("image_template")) if prompts_spec else None
     if cfg.ckpt is not None and prompts is None:
         raise UsageError("ckpt= needs prompts=FILE (.txt, .csv/.tsv/.jsonl with a caption column, or shards)")
     count = None if prompts is None else min(len(prompts.captions), int(cfg.num_images or len(prompts.captions)))
-    reference: ImageSet | None = None
-    if needs_reference:
-        if reference_spec is not None:
-            reference = ImageSet.from_spec(reference_spec, cfg.caption_key)
-        elif prompts is not None and prompts.shards is not None:
-            reference = ImageSet(prompts.shards.items[:count], prompts.shards.source, prompts.shards.shards)
-        elif prompts is not None and prompts.images is not None:
-            reference = ImageSet.from_files(prompts.images[:count], f"prompts={prompts_spec}")
-        else:
-            wanted = ", ".join(n for n in names if n in ("fid", "kid"))
-            raise UsageError(f"{wanted} compare with real images: give reference=DIR|SHARDS (or prompts with an image "
-                             f"column), or leave {wanted} out of metrics=")
+    reference = resolve_reference(names, reference_spec, prompts, prompts_spec, count, cfg.caption_key)
 
     # The weights load (and fail, when they are not what they should be) before generation; on the CPU
     # meanwhile, so they do not take the GPU's memory from the diffusion model.

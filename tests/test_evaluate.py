@@ -44,8 +44,12 @@ def write_inception(path: Path) -> Path:
     dict for torch.load). Batch-norm statistics are measured on random images, so features are of unit scale."""
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
+    # The same random weights in every session (torch seeds each process differently): a value a test checks
+    # does not change from one run to the next.
     with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
+            torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -251,6 +255,27 @@ def test_image_sets_convert_modes_and_read_shards(tmp_path: Path) -> None:
     from_shards = ImageSet.from_spec(str(shard))
     assert [i.caption for i in from_shards.items] == ["caption a", "caption b"]
     assert len(list(from_shards.iter_batches(8))[0][1]) == 2
+
+
+def test_mlperf_captions_table_names_its_pictures_through_image_template(tmp_path: Path) -> None:
+    """MLPerf's val2014_30k.tsv has image_id, id and caption, no file name: image_template makes the path."""
+    from ldm.evaluate import read_prompt_set
+
+    tsv = tmp_path / "coco2014" / "val2014_30k.tsv"
+    tsv.parent.mkdir()
+    tsv.write_text("image_id\tid\tcaption\n9\t42\tA man riding a wave.\n139\t7\ta kitchen, with a stove\n")
+    template = "val2014/COCO_val2014_{image_id:012d}.jpg"
+    prompts = read_prompt_set(str(tsv), image_template=template)
+    assert prompts.captions == ["A man riding a wave.", "a kitchen, with a stove"]
+    assert prompts.images == [str(tsv.parent / "val2014" / "COCO_val2014_000000000009.jpg"),
+                              str(tsv.parent / "val2014" / "COCO_val2014_000000000139.jpg")]
+    assert read_prompt_set(str(tsv)).images is None  # without it: captions only
+    with pytest.raises(UsageError, match=r"does not fit row 1 .*'image_id', 'id', 'caption'") as err:
+        read_prompt_set(str(tsv), image_template="{file_name}")
+    assert "\n" not in str(err.value)
+    (tmp_path / "p.txt").write_text("a cat\n")
+    with pytest.raises(UsageError, match="is not a .csv/.tsv/.jsonl table"):
+        read_prompt_set(str(tmp_path / "p.txt"), image_template=template)
 
 
 def eval_config(overrides: list[str]):
