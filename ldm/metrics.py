@@ -421,23 +421,28 @@ class ImageMetrics:
         if any(n in INCEPTION_METRICS for n in self.names):
             self.shared = SharedInception(load_inception(inception_weights, antialias)).to(self.device)
             self.weights["inception"] = {"path": os.path.abspath(inception_weights), "sha256": file_sha256(inception_weights)}
+        # The numbers are of the images given to this object: torchmetrics would otherwise gather every rank's
+        # states at compute() whenever torch.distributed is initialised, and wait forever when only rank 0 scores
+        # (ldm.lightning.evaluation gathers the images itself).
+        local = {"sync_on_compute": False}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
             if "fid" in self.names:
-                self.fid = FrechetInceptionDistance(feature=InceptionFeature(self.shared, "2048", 2048)).to(self.device)
+                self.fid = FrechetInceptionDistance(feature=InceptionFeature(self.shared, "2048", 2048), **local).to(self.device)
             if "kid" in self.names:
                 self.kid = KernelInceptionDistance(
-                    feature=InceptionFeature(self.shared, "2048", 2048), subsets=kid_subsets, subset_size=kid_subset_size
+                    feature=InceptionFeature(self.shared, "2048", 2048), subsets=kid_subsets, subset_size=kid_subset_size,
+                    **local,
                 ).to(self.device)
             if "inception_score" in self.names:
                 self.inception_score = InceptionScore(
-                    feature=InceptionFeature(self.shared, "logits_unbiased", 1008), splits=inception_splits
+                    feature=InceptionFeature(self.shared, "logits_unbiased", 1008), splits=inception_splits, **local
                 ).to(self.device)
         if "clip_score" in self.names:
             from torchmetrics.multimodal.clip_score import CLIPScore
 
             factory, weights = load_clip(clip_model, clip_arch)
-            self.clip_score = CLIPScore(model_name_or_path=factory).to(self.device)
+            self.clip_score = CLIPScore(model_name_or_path=factory, **local).to(self.device)
             self.weights["clip"] = {"path": os.path.abspath(clip_model), "sha256": file_sha256(weights)}
         self._reference: list[Tensor] = []
         self._fake: list[Tensor] | None = []

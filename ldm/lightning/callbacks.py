@@ -1,5 +1,7 @@
-"""Callbacks: sample images during training with pinned prompts and noise, and the batch-size hook of
-Lightning's ThroughputMonitor."""
+"""Callbacks: sample images during training with pinned prompts and noise, the demos' caption-fidelity
+judges, and the batch-size hook of Lightning's ThroughputMonitor. Scores computed during training (the
+judges here, FID/KID/CLIP score of ldm.lightning.evaluation) reach every logger through `log_scores`, as
+`val/<name>` beside `val/loss`."""
 
 from __future__ import annotations
 
@@ -31,6 +33,41 @@ log = logging.getLogger(__name__)
 
 def image_batch_size(batch: dict[str, Any]) -> int:
     return int((batch["image"] if "image" in batch else batch["moments"]).shape[0])
+
+
+def logged_step(trainer: L.Trainer) -> int:
+    """The step Lightning gives what is logged now: during a training batch's hooks the batch's own index
+    (where `val/loss` of a validation after that batch lands), after training the number of steps."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
+def log_scores(trainer: L.Trainer, scores: dict[str, float], prefix: str = "val/") -> dict[str, float]:
+    """Log `scores` as `<prefix><name>` to every logger (CSV, TensorBoard, wandb) at `logged_step`, and put them
+    in `trainer.callback_metrics` (what ModelCheckpoint's `monitor=` reads); on global rank 0 only."""
+    named = {f"{prefix}{k}": float(v) for k, v in scores.items() if v is not None}
+    if not trainer.is_global_zero or not named:
+        return named
+    step = logged_step(trainer)
+    for logger in trainer.loggers:
+        logger.log_metrics(named, step=step)
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in named.items()})
+    return named
+
+
+def sample_resolution(pl_module: Any, trainer: L.Trainer | None = None, resolution: int | None = None) -> int:
+    """The side of pictures sampled during training: `resolution` when given; else the training data's (a run
+    at another size than the model's samples at the size it trains at); else the model's native `image_size`
+    (512 for SD 1.x, 768 for SD 2.x-768). Never the autoencoder's `ddconfig.resolution`: that is 256 for every
+    SD model."""
+    if resolution:
+        return int(resolution)
+    if trainer is None:
+        trainer = getattr(pl_module, "_trainer", None)  # `pl_module.trainer` raises when detached
+    data_resolution = getattr(getattr(trainer, "datamodule", None), "resolution", None)
+    if data_resolution:
+        return int(data_resolution)
+    return int(pl_module.config["image_size"])
 
 
 def colour_maps(maps: np.ndarray) -> np.ndarray:
@@ -110,14 +147,7 @@ class SampleImages(L.Callback):
         SD 2.x-768). Never the autoencoder's `ddconfig.resolution`: that is 256 for every SD model."""
         if self.inputs is not None:
             return int(self.inputs.shape[-1])
-        if self.resolution:
-            return int(self.resolution)
-        if trainer is None:
-            trainer = getattr(pl_module, "_trainer", None)  # `pl_module.trainer` raises when detached
-        data_resolution = getattr(getattr(trainer, "datamodule", None), "resolution", None)
-        if data_resolution:
-            return int(data_resolution)
-        return int(pl_module.config["image_size"])
+        return sample_resolution(pl_module, trainer, self.resolution)
 
     def sample(self, pl_module: Any, trainer: L.Trainer | None = None) -> list[np.ndarray]:
         resolution = self.sample_resolution(pl_module, trainer)
@@ -187,7 +217,8 @@ class SampleImages(L.Callback):
 
 class CaptionFidelity(L.Callback):
     """At the end of training, sample one image per prompt (EMA weights) and score how many follow their
-    caption, with a judge `(images, captions) -> share` — for the demo, the shapes' colour judge."""
+    caption, with a judge `(images, captions) -> share` — for the demo, the shapes' colour judge. The score is
+    printed and logged as `val/caption_fidelity` (`val/edit_fidelity`, ...: `val/<name>`) to every logger."""
 
     def __init__(
         self,
@@ -223,8 +254,7 @@ class CaptionFidelity(L.Callback):
         out.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image_grid(images)).save(out / f"{stem}.png")
         (out / f"{stem}.txt").write_text(f"{self.score:.4f}\n" + "\n".join(self.sampler.prompts) + "\n")
-        for logger in trainer.loggers:
-            logger.log_metrics({f"demo/{stem.replace('-', '_')}": self.score}, step=trainer.global_step)
+        log_scores(trainer, {stem.replace("-", "_"): self.score})  # val/caption_fidelity, beside val/loss and val/fid
         message = f"{self.name}: {self.score:.3f} of {len(images)} generated images match their prompt"
         log.info(message)
         print(message)
