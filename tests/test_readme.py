@@ -26,7 +26,7 @@ from helpers import model_config, randomize_
 from hydra import compose, initialize_config_module
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_evaluate import write_clip, write_inception
+from test_evaluate import write_clip, write_inception, write_open_clip
 from test_sample import tiny_sd2_config
 
 from ldm.checkpoint import checkpoint_from_model, ema_key_for, save_checkpoint
@@ -167,6 +167,15 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(8):
         _picture(root / "images" / f"img{i}.png", 10 + i)
         (root / "images" / f"img{i}.txt").write_text(f"a picture number {i}, with colours")
+    # MLPerf's COCO-2014 files as its scripts lay them out: val2014_30k.tsv (image_id, id, caption) beside val2014/
+    write_open_clip(root / "CLIP-ViT-H-14-laion2B-s32B-b79K")
+    (root / "coco2014" / "val2014").mkdir(parents=True)
+    rows = [(42, 1055, "A man riding a wave on top of a surfboard."), (139, 2401, "A kitchen with a stove, sink and table"),
+            (285, 3012, "a big brown bear sitting in the grass"), (632, 7764, "A bedroom with a bed and a window.")]
+    (root / "coco2014" / "val2014_30k.tsv").write_text(
+        "image_id\tid\tcaption\n" + "".join(f"{i}\t{n}\t{c}\n" for i, n, c in rows))
+    for k, (image_id, _, _) in enumerate(rows):
+        _picture(root / "coco2014" / "val2014" / f"COCO_val2014_{image_id:012d}.jpg", 30 + k)
     _edit_shards(root / "editdemo", root / "edit-shards")
     (root / "semantic-shards").mkdir()
     for shard in ensure_demo_shards(root / "semdemo", num_samples=16, samples_per_shard=16, variant="semantic"):
@@ -233,6 +242,8 @@ def prepare(command: str, root: Path) -> str | None:
     if "sample.py" in words[1:2]:
         return command + " steps=2 height=32 width=32 device=cpu"
     if words[0].endswith("ldm-eval") and not any(w.startswith("images=") for w in words):
+        return command + " steps=2 height=32 width=32 device=cpu"
+    if words[0].endswith("ldm-compare"):
         return command + " steps=2 height=32 width=32 device=cpu"
     if words[0].endswith("ldm-cache-latents"):
         return command + " --resolution 32"

@@ -95,7 +95,7 @@ def lora_files(cfg: DictConfig) -> tuple[list[str], list[float]]:
 
 
 def apply_loras(cfg: DictConfig, model: Any) -> None:
-    """Merge the `lora` file(s) into the UNet's weights, each at its `lora_scale`."""
+    """Merge the `lora` file(s) into the UNet's and the text encoder's weights, each at its `lora_scale`."""
     from ldm.lora import merge_lora_file
 
     for path, scale in zip(*lora_files(cfg), strict=True):
