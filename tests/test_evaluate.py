@@ -186,19 +186,27 @@ def test_clip_score_equals_torchmetrics_clip_score(weights: dict[str, Path]) -> 
     assert value > 0 and value == pytest.approx(max(100 * cosine.mean().item(), 0.0), rel=1e-4)
 
 
-def test_openclip_folder_clip_score(tmp_path: Path) -> None:
-    """An OpenCLIP folder as MLPerf downloads ViT-H/14 (open_clip_config.json + open_clip_pytorch_model.bin), here
-    tiny: CLIPScore's number with OpenCLIP's own preprocessing and tokenizer."""
-    import open_clip
+def write_open_clip(folder: Path) -> torch.nn.Module:
+    """A tiny OpenCLIP folder as MLPerf downloads ViT-H/14: open_clip_config.json + open_clip_pytorch_model.bin."""
     from open_clip.model import CLIP
 
     config = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
                                                              "head_width": 16},
                             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}}
-    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
     model = CLIP(**config["model_cfg"]).eval()
-    torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return model
+
+
+def test_openclip_folder_clip_score(tmp_path: Path) -> None:
+    """An OpenCLIP folder as MLPerf downloads ViT-H/14 (open_clip_config.json + open_clip_pytorch_model.bin), here
+    tiny: CLIPScore's number with OpenCLIP's own preprocessing and tokenizer."""
+    import open_clip
+
+    model = write_open_clip(tmp_path)
     pictures, captions = smooth_images(3, 40, 6), ["a red circle", "a blue square on grey", "two cats, asleep"]
     ours = ImageMetrics(["clip_score"], clip_model=str(tmp_path))
     ours.update(pictures, captions)

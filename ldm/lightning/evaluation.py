@@ -154,6 +154,10 @@ class EvaluateDuringTraining(L.Callback):
                              "(each prompt would need its input picture): leave +callbacks/evaluate out")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.is_global_zero and self.metrics is None:  # the environment did not say the rank at __init__
+            from ldm.metrics import ImageMetrics
+
+            self.metrics = ImageMetrics.from_config(self.metric_config)
         if trainer.is_global_zero and self.reference is not None and not self._reference_ready:
             self._load_reference(pl_module.device)
 
