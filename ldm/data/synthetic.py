@@ -11,6 +11,15 @@ right mean colours fails. `colour_fidelity` asks the colours alone.
 
     ensure_demo_shards("data/demo", num_samples=2000)   # writes data/demo/shapes-00000{0..3}.tar once
 
+A smaller vocabulary (`colours=`, `shapes=`: subsets of `PALETTE` and `SHAPES`) makes a set that a
+model learns in fewer steps (the CI demo, experiment=demo_ci); `all_captions` takes the same subsets.
+The judge is unchanged: it still reads every palette colour and fits all three shapes.
+
+`shuffle_captions=True` is an ablation control: the same images, with the captions permuted across
+them, so a caption says nothing about its image. A model trained on it should follow its prompts only
+by chance (1 in `len(all_captions(...))`); if it scores like the model trained on the true captions,
+the score is not measuring whether captions are learned.
+
 Variants (`variant=`), for the conditionings besides text:
 - "caption": the image (`png`) and its caption (`txt`).
 - "semantic": the same samples (same seed, same images) plus `seg.png`, a mode-L label map at the
@@ -67,15 +76,38 @@ def make_caption(shape: str, colour: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
 
-def all_captions() -> list[str]:
-    """Every caption the demo data can hold (shape x colour x different background): the demo's test prompts."""
-    return [
+def vocabulary(
+    colours: Sequence[str] | None = None, shapes: Sequence[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """(colours, shapes) a data set draws from: the whole palette and every shape, or the subsets given
+    (in the given order, no repeats, at least two colours and one shape)."""
+    colours = _PALETTE_NAMES if colours is None else [str(c) for c in colours]
+    shapes = list(SHAPES) if shapes is None else [str(s) for s in shapes]
+    unknown = [c for c in colours if c not in PALETTE] + [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown colours or shapes {unknown}; colours: {_PALETTE_NAMES}, shapes: {list(SHAPES)}")
+    if len(set(colours)) != len(colours) or len(set(shapes)) != len(shapes) or len(colours) < 2 or not shapes:
+        raise ValueError(f"need at least 2 different colours and 1 shape, no repeats; got {colours} and {shapes}")
+    return colours, shapes
+
+
+def all_captions(
+    colours: Sequence[str] | None = None, shapes: Sequence[str] | None = None, repeats: int = 1
+) -> list[str]:
+    """Every caption the demo data can hold (shape x colour x different background): the demo's test prompts.
+    With `colours`/`shapes`, those of a data set of that smaller vocabulary; `repeats` > 1 lists them all
+    that many times over (more images per caption, each from its own noise: a steadier score)."""
+    colours, shapes = vocabulary(colours, shapes)
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    captions = [
         make_caption(shape, colour, background)
-        for shape in SHAPES
-        for colour in PALETTE
-        for background in PALETTE
+        for shape in shapes
+        for colour in colours
+        for background in colours
         if colour != background
     ]
+    return captions * repeats
 
 
 def parse_caption(caption: str) -> tuple[str, str, str]:
@@ -197,30 +229,53 @@ def render_shape(
 
 
 def _random_scene(
-    rng: np.random.Generator, resolution: int, num_colours: int
+    rng: np.random.Generator,
+    resolution: int,
+    num_colours: int,
+    colours: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
 ) -> tuple[str, list[str], Placement]:
-    """A shape, `num_colours` different palette colours and a placement, drawn in this order."""
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    colours = [_PALETTE_NAMES[i] for i in rng.choice(len(_PALETTE_NAMES), size=num_colours, replace=False)]
-    return shape, colours, random_placement(resolution, rng)
+    """A shape, `num_colours` different colours and a placement, drawn in this order (from the whole
+    palette and every shape, or the subsets given: the same draws, so the defaults keep their images)."""
+    names, shapes = vocabulary(colours, shapes)
+    if num_colours > len(names):
+        raise ValueError(f"a scene of {num_colours} different colours needs as many in the vocabulary, got {names}")
+    shape = shapes[rng.integers(len(shapes))]
+    picked = [names[i] for i in rng.choice(len(names), size=num_colours, replace=False)]
+    return shape, picked, random_placement(resolution, rng)
 
 
-def random_sample(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, str]:
+def random_sample(
+    rng: np.random.Generator,
+    resolution: int,
+    colours: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+) -> tuple[np.ndarray, str]:
     """One random (image, caption) pair; shape and background colours always differ."""
-    shape, (colour, background), at = _random_scene(rng, resolution, 2)
+    shape, (colour, background), at = _random_scene(rng, resolution, 2, colours, shapes)
     return draw_shape(shape, colour, background, resolution, at), make_caption(shape, colour, background)
 
 
-def random_semantic_sample(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, np.ndarray, str]:
+def random_semantic_sample(
+    rng: np.random.Generator,
+    resolution: int,
+    colours: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, str]:
     """(image, label map, caption); the same draws as `random_sample`, so the same images per seed."""
-    shape, (colour, background), at = _random_scene(rng, resolution, 2)
+    shape, (colour, background), at = _random_scene(rng, resolution, 2, colours, shapes)
     image = draw_shape(shape, colour, background, resolution, at)
     return image, draw_labels(shape, resolution, at), make_caption(shape, colour, background)
 
 
-def random_edit_sample(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, np.ndarray, str]:
+def random_edit_sample(
+    rng: np.random.Generator,
+    resolution: int,
+    colours: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, str]:
     """(conditioning image, edited image, instruction): one shape and place, recoloured, same background."""
-    shape, (before, background, after), at = _random_scene(rng, resolution, 3)
+    shape, (before, background, after), at = _random_scene(rng, resolution, 3, colours, shapes)
     cond = draw_shape(shape, before, background, resolution, at)
     target = draw_shape(shape, after, background, resolution, at)
     return cond, target, edit_instruction(shape, after)
@@ -233,15 +288,30 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 
 def _manifest_for(
-    num_samples: int, samples_per_shard: int, resolution: int, seed: int, variant: str
+    num_samples: int,
+    samples_per_shard: int,
+    resolution: int,
+    seed: int,
+    variant: str,
+    colours: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+    shuffle_captions: bool = False,
 ) -> dict[str, Any]:
-    return {
+    manifest: dict[str, Any] = {
         "num_samples": num_samples,
         "samples_per_shard": samples_per_shard,
         "resolution": resolution,
         "seed": seed,
         "variant": variant,
     }
+    # Recorded only when not the default, so manifests written before these options still match.
+    if colours is not None:
+        manifest["colours"] = vocabulary(colours, shapes)[0]
+    if shapes is not None:
+        manifest["shapes"] = vocabulary(colours, shapes)[1]
+    if shuffle_captions:
+        manifest["shuffle_captions"] = True
+    return manifest
 
 
 def _check_variant(variant: str) -> None:
@@ -250,17 +320,28 @@ def _check_variant(variant: str) -> None:
 
 
 def random_entries(
-    rng: np.random.Generator, resolution: int, variant: Variant = "caption"
+    rng: np.random.Generator,
+    resolution: int,
+    variant: Variant = "caption",
+    colours: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
 ) -> dict[str, bytes]:
     """One random sample of `variant` as shard entries: extension -> bytes."""
     if variant == "semantic":
-        image, labels, caption = random_semantic_sample(rng, resolution)
+        image, labels, caption = random_semantic_sample(rng, resolution, colours, shapes)
         return {"png": _png_bytes(image), "seg.png": _png_bytes(labels), "txt": caption.encode()}
     if variant == "edit":
-        cond, target, instruction = random_edit_sample(rng, resolution)
+        cond, target, instruction = random_edit_sample(rng, resolution, colours, shapes)
         return {"cond.png": _png_bytes(cond), "png": _png_bytes(target), "txt": instruction.encode()}
-    image, caption = random_sample(rng, resolution)
+    image, caption = random_sample(rng, resolution, colours, shapes)
     return {"png": _png_bytes(image), "txt": caption.encode()}
+
+
+def _shuffled_captions(entries: list[dict[str, bytes]], seed: int) -> list[dict[str, bytes]]:
+    """`entries` with their `txt` permuted across samples (a random permutation, its own generator):
+    every caption is still in the set as often, but no longer says anything about its image."""
+    order = np.random.default_rng([seed, 0x5CAFF1E]).permutation(len(entries))
+    return [{**entry, "txt": entries[int(i)]["txt"]} for entry, i in zip(entries, order, strict=True)]
 
 
 def write_shapes_shards(
@@ -270,24 +351,33 @@ def write_shapes_shards(
     resolution: int = 32,
     seed: int = 0,
     variant: Variant = "caption",
+    colours: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+    shuffle_captions: bool = False,
 ) -> list[str]:
     """Write `shapes-NNNNNN.tar` shards of random samples, then a manifest marking them complete.
 
     Old shapes shards in `out_dir` are removed first, so a glob never mixes two generations.
+    `colours`/`shapes` draw from a smaller vocabulary; `shuffle_captions` (an ablation control) writes
+    the same images with their captions permuted across the set (all samples are held in memory for
+    it: demo-sized sets only).
     """
     if num_samples < 1 or resolution < 8:
         raise ValueError(f"need num_samples >= 1 and resolution >= 8, got {num_samples} and {resolution}")
     _check_variant(variant)
+    manifest = _manifest_for(num_samples, samples_per_shard, resolution, seed, variant, colours, shapes, shuffle_captions)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     for old in out_dir.glob(f"{SHARD_PREFIX}-*.tar"):
         old.unlink()
     rng = np.random.default_rng(seed)
+    samples = (random_entries(rng, resolution, variant, colours, shapes) for _ in range(num_samples))
+    if shuffle_captions:
+        samples = iter(_shuffled_captions(list(samples), seed))
     with ShardSink(out_dir, SHARD_PREFIX, samples_per_shard) as sink:
-        for index in range(num_samples):
-            sink.write({"__key__": f"{index:09d}", **random_entries(rng, resolution, variant)})
-    manifest = _manifest_for(num_samples, samples_per_shard, resolution, seed, variant)
+        for index, entries in enumerate(samples):
+            sink.write({"__key__": f"{index:09d}", **entries})
     manifest["shards"] = {Path(s).name: Path(s).stat().st_size for s in sink.shards}
     tmp = out_dir / f"{MANIFEST}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -318,14 +408,19 @@ def ensure_demo_shards(
     resolution: int = 32,
     seed: int = 0,
     variant: Variant = "caption",
+    colours: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+    shuffle_captions: bool = False,
 ) -> list[str]:
     """Shard paths of the demo set in `out_dir`, generated only if absent, partial or made differently."""
     _check_variant(variant)
-    expected = _manifest_for(num_samples, samples_per_shard, resolution, seed, variant)
+    expected = _manifest_for(num_samples, samples_per_shard, resolution, seed, variant, colours, shapes, shuffle_captions)
     existing = _complete_shards(Path(out_dir), expected)
     if existing is not None:
         return existing
-    return write_shapes_shards(out_dir, num_samples, samples_per_shard, resolution, seed, variant)
+    return write_shapes_shards(
+        out_dir, num_samples, samples_per_shard, resolution, seed, variant, colours, shapes, shuffle_captions
+    )
 
 
 def _nearest_colours(pixels: np.ndarray) -> np.ndarray:
@@ -581,6 +676,11 @@ class ShapesDataModule(WebDataModule):
 
     `variant="semantic"` adds `seg` to the batches, `variant="edit"` adds `cond_image`; those two
     variants live in `root/semantic` and `root/edit`.
+
+    `colours`/`shapes` (lists, null for all) draw from a smaller vocabulary (the CI demo). The ablation
+    control `shuffle_captions=true` trains on the same images with their captions permuted across the
+    set, in `root/shuffled` (never over the true set): a model that learns captions scores far higher on
+    the true set than on this one.
     """
 
     def __init__(
@@ -591,11 +691,18 @@ class ShapesDataModule(WebDataModule):
         data_seed: int = 0,
         resolution: int = 32,
         variant: Variant = "caption",
+        colours: Sequence[str] | None = None,
+        shapes: Sequence[str] | None = None,
+        shuffle_captions: bool = False,
         **kwargs: Any,
     ) -> None:
         _check_variant(variant)
+        colours = None if colours is None else vocabulary(colours, shapes)[0]
+        shapes = None if shapes is None else vocabulary(colours, shapes)[1]
         # Each variant in its own folder: switching conditionings never rewrites another's shards.
         root = root if variant == "caption" else f"{root}/{variant}"
+        if shuffle_captions:
+            root = f"{root}/shuffled"
         clashes = {k: kwargs[k] for k, v in _VARIANT_KEYS[variant].items() if kwargs.get(k) not in (None, v)}
         if clashes:
             raise ValueError(f"variant={variant!r} sets {_VARIANT_KEYS[variant]}; got {clashes}")
@@ -609,9 +716,13 @@ class ShapesDataModule(WebDataModule):
         self.samples_per_shard = samples_per_shard
         self.data_seed = data_seed
         self.variant = variant
+        self.colours = colours
+        self.shapes = shapes
+        self.shuffle_captions = bool(shuffle_captions)
 
     def prepare_data(self) -> None:
         # Lightning runs this once per node before setup(), so ranks never race on the files.
         ensure_demo_shards(
-            self.root, self.num_samples, self.samples_per_shard, self.resolution, self.data_seed, self.variant
+            self.root, self.num_samples, self.samples_per_shard, self.resolution, self.data_seed, self.variant,
+            self.colours, self.shapes, self.shuffle_captions,
         )
