@@ -443,16 +443,9 @@ def _write(cfg, columns: list[Column], rows, cells, records) -> dict[str, Any]:
 
 def main() -> None:
     """The console entry point: the command line as typed (see ldm.cli.overrides), checked, then Hydra."""
-    from ldm.cli.checks import ConfigProblem, precheck
-    from ldm.cli.overrides import rewrite_argv
+    from ldm.cli.checks import run_cli
 
-    sys.argv[1:] = rewrite_argv(sys.argv[1:])
-    try:
-        precheck("compare", sys.argv[1:])
-    except ConfigProblem as err:
-        print(f"ldm-compare: error: {str(err).replace('python compare.py', 'ldm-compare')}", file=sys.stderr)
-        raise SystemExit(2) from None
-    hydra_main()
+    run_cli("compare", hydra_main, tool="ldm-compare")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="compare")

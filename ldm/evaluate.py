@@ -499,16 +499,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def main() -> None:
     """The console entry point: the command line as typed (see ldm.cli.overrides), checked, then Hydra."""
-    from ldm.cli.checks import ConfigProblem, precheck
-    from ldm.cli.overrides import rewrite_argv
+    from ldm.cli.checks import run_cli
 
-    sys.argv[1:] = rewrite_argv(sys.argv[1:])
-    try:
-        precheck("eval", sys.argv[1:])
-    except ConfigProblem as err:
-        print(f"ldm-eval: error: {str(err).replace('python eval.py', 'ldm-eval')}", file=sys.stderr)
-        raise SystemExit(2) from None
-    hydra_main()
+    run_cli("eval", hydra_main, tool="ldm-eval")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

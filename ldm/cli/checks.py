@@ -213,10 +213,11 @@ def precheck(config_name: str, args: list[str]) -> None:
         raise ConfigProblem("; ".join(problems))
 
 
-def run_cli(config_name: str, hydra_main: Any, extra_overrides: Any = None) -> None:
+def run_cli(config_name: str, hydra_main: Any, extra_overrides: Any = None, tool: str | None = None) -> None:
     """A console entry point: the command line as typed (ldm.cli.overrides), checked here, then Hydra.
     `extra_overrides(args) -> list[str]`, when given, adds overrides Hydra must see before it starts
-    (train.py: the run folder of a resumed run)."""
+    (train.py: the run folder of a resumed run). `tool` is the command's name where it is not
+    `<config_name>.py` (ldm-eval, ldm-compare): errors then name it."""
     import sys
 
     from ldm.cli.overrides import rewrite_argv
@@ -227,7 +228,8 @@ def run_cli(config_name: str, hydra_main: Any, extra_overrides: Any = None) -> N
         if extra_overrides is not None:
             sys.argv[1:] = [*sys.argv[1:], *extra_overrides(sys.argv[1:])]
     except ConfigProblem as err:
-        print(f"{config_name}.py: error: {err}", file=sys.stderr)
+        message = str(err) if tool is None else str(err).replace(f"python {config_name}.py", tool)
+        print(f"{tool or config_name + '.py'}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     hydra_main()
 
