@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data.buckets import BucketQueue, bucket_sizes, nearest_bucket, plan_bucket_crop
-from ldm.data.transforms import apply_crop
+from ldm.data.buckets import BucketQueue, bucket_sizes, nearest_bucket
+from ldm.data.transforms import apply_crop, plan_cover_crop
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def test_cover_crop_fills_the_bucket_and_loses_only_the_long_sides_excess():
     for _ in range(40):
         size = (rng.randint(40, 900), rng.randint(40, 900))
         bucket = nearest_bucket(size, buckets)
-        plan = plan_bucket_crop(size, bucket, random_crop=True, random_flip=True, rng=random.Random(7))
+        plan = plan_cover_crop(size, bucket, random_crop=True, random_flip=True, rng=random.Random(7))
         image = Image.new("RGB", size)
         out = apply_crop(image, plan)
         assert out.size == bucket
@@ -83,11 +83,9 @@ def test_cover_crop_fills_the_bucket_and_loses_only_the_long_sides_excess():
         left, top, right, bottom = plan.box
         assert 0 <= left and right <= rw and 0 <= top and bottom <= rh
         # the same seed draws the same crop and flip
-        assert plan == plan_bucket_crop(
-            size, bucket, random_crop=True, random_flip=True, rng=random.Random(7)
-        )
+        assert plan == plan_cover_crop(size, bucket, random_crop=True, random_flip=True, rng=random.Random(7))
     # a centre crop takes equal strips from both ends
-    plan = plan_bucket_crop((1920, 1080), (640, 384))
+    plan = plan_cover_crop((1920, 1080), (640, 384))
     assert plan.size == (683, 384) and plan.box == (21, 0, 661, 384) and not plan.flip
 
 
@@ -99,7 +97,7 @@ def test_cover_crop_keeps_the_picture_where_a_square_crop_would_cut_it():
     bucket = nearest_bucket(image.size, bucket_sizes(512))
 
     def red(box):  # red pixels in the left and the right half
-        pixels = torch.tensor(list(apply_crop(image, plan_bucket_crop(image.size, box)).getdata()))
+        pixels = torch.tensor(list(apply_crop(image, plan_cover_crop(image.size, box)).getdata()))
         pixels = pixels.reshape(box[1], box[0], 3)
         is_red = (pixels[..., 0] > 128) & (pixels[..., 1] < 64)
         return int(is_red[:, : box[0] // 2].sum()), int(is_red[:, box[0] // 2 :].sum())

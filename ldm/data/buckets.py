@@ -3,7 +3,7 @@
 A bucket is a (width, height) of about `resolution`² pixels, both sides multiples of `step` (64 at 512: the
 latent is then a multiple of 8, what the UNet's three downsamplings need). Every picture goes to the bucket
 whose aspect ratio is nearest its own (compared in log space, so 2:1 and 1:2 are as far from 1:1), is
-resized to cover it and centre- (or randomly) cropped to it, so at most a thin strip of the long side is
+resized to cover it and centre- (or randomly) cropped to it (`ldm.data.transforms.plan_cover_crop`), so at most a thin strip of the long side is
 lost, never half the picture as with a square crop. Each batch holds pictures of one bucket only.
 
 `BucketQueue` is the per-worker buffer that turns a stream of pictures into one-bucket batches: bounded,
@@ -14,12 +14,9 @@ short batch), and described by `state()` so that a stream stopped between two ba
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
-
-from ldm.data.transforms import CropPlan
 
 T = TypeVar("T")
 Bucket = tuple[int, int]  # (width, height) in pixels
@@ -65,32 +62,6 @@ def nearest_bucket(size: tuple[int, int], buckets: Sequence[Bucket]) -> Bucket:
         raise ValueError(f"picture size {width}x{height}")
     ratio = math.log(width / height)
     return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - ratio), 12), -b[0] * b[1], -b[0]))
-
-
-def plan_bucket_crop(
-    size: tuple[int, int],
-    bucket: Bucket,
-    random_crop: bool = False,
-    random_flip: bool = False,
-    rng: random.Random | None = None,
-) -> CropPlan:
-    """Resize a picture of `size` (width, height) to cover `bucket`, then crop `bucket` out of it.
-
-    The same plan as `ldm.data.transforms.plan_crop` makes for a square (so `apply_crop` carries it out,
-    also on conditioning images and label maps), with the same draws in the same order: crop left, crop
-    top, flip.
-    """
-    rng = rng or random.Random()
-    (width, height), (bw, bh) = size, bucket
-    scale = max(bw / width, bh / height)
-    resized = (max(bw, round(width * scale)), max(bh, round(height * scale)))
-    spare_x, spare_y = resized[0] - bw, resized[1] - bh
-    if random_crop:
-        left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
-    else:
-        left, top = spare_x // 2, spare_y // 2
-    flip = random_flip and rng.random() < 0.5
-    return CropPlan(resized, (left, top, left + bw, top + bh), flip)
 
 
 @dataclass

@@ -41,17 +41,29 @@ def plan_crop(
     hold (what captions describe). Draws from `rng` in a fixed order (crop left, crop top, flip), so
     a seeded stream stays reproducible.
     """
+    return plan_cover_crop(size, (resolution, resolution), random_crop, random_flip, rng)
+
+
+def plan_cover_crop(
+    size: tuple[int, int],
+    target: tuple[int, int],
+    random_crop: bool = False,
+    random_flip: bool = False,
+    rng: random.Random | None = None,
+) -> CropPlan:
+    """Resize an image of `size` (width, height) to cover `target` (width, height), then crop `target` out
+    of it (centre, or at random), maybe flipped. Draws crop left, crop top, flip, in that order."""
     rng = rng or random.Random()
-    width, height = size
-    scale = resolution / min(width, height)
-    resized = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    spare_x, spare_y = resized[0] - resolution, resized[1] - resolution
+    (width, height), (tw, th) = size, target
+    scale = max(tw / width, th / height)
+    resized = (max(tw, round(width * scale)), max(th, round(height * scale)))
+    spare_x, spare_y = resized[0] - tw, resized[1] - th
     if random_crop:
         left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
     else:
         left, top = spare_x // 2, spare_y // 2
     flip = random_flip and rng.random() < 0.5
-    return CropPlan(resized, (left, top, left + resolution, top + resolution), flip)
+    return CropPlan(resized, (left, top, left + tw, top + th), flip)
 
 
 def apply_crop(
