@@ -173,7 +173,9 @@ def checkpoint_step(path: str | Path) -> int | None:
     try:
         import torch
 
-        step = torch.load(real, map_location="cpu", mmap=True, weights_only=False).get("global_step")
+        # weights_only: naming a step must not run a pickle's code (Lightning unpickles the checkpoint itself
+        # when it resumes); a file that needs more just has no step to name
+        step = torch.load(real, map_location="cpu", mmap=True, weights_only=True).get("global_step")
         return None if step is None else int(step)
     except Exception:
         return None
