@@ -1,6 +1,6 @@
 """Files we write get the permissions a plain open() gives under the user's umask, through the real command
 lines: under umask 022 every file that train.py (checkpoints, samples, CSV logs, demo data, the LoRA export),
-sample.py, ldm-convert and ldm-shards writes is 0644 and every folder 0755, not the 0600/0700 of a temporary
+sample.py, ldm-convert, ldm-shards, ldm-compare and ldm-eval write is 0644 and every folder 0755, not the 0600/0700 of a temporary
 file; under umask 077 they are 0600/0700. Issue 8, item 4."""
 
 from __future__ import annotations
@@ -94,6 +94,21 @@ def test_sample_writes_world_readable_images_log_and_hash_cache(trained: Path, t
          "height=32", "width=32", "num_images=2", f"out_dir={tmp_path}/out/samples"], tmp_path)
     paths = written(tmp_path)
     assert {"00000.png", "00001.png", "grid-00000.png", "sample.log", "hashes.json"} <= names(paths)
+    assert_modes(paths, 0o022)
+
+
+def test_compare_and_eval_write_world_readable_grids_cells_and_metrics(trained: Path, tmp_path: Path) -> None:
+    from test_evaluate import write_inception
+
+    ckpt = last_ckpt(trained)
+    cli([str(BIN / "ldm-compare"), f"base={ckpt}", f"variants=[{ckpt}]", "prompt=a red circle", "steps=2",
+         "height=32", "width=32", "out_dir=out/compare"], tmp_path)
+    (tmp_path / "weights").mkdir()
+    weights = write_inception(tmp_path / "weights" / "inception.pth")
+    cli([str(BIN / "ldm-eval"), "images=out/compare/grid-00000", "reference=out/compare/grid-00000",
+         f"inception_weights={weights}", "metrics=[fid]", "out_dir=out/eval"], tmp_path)
+    paths = [p for p in written(tmp_path) if tmp_path / "weights" not in p.parents]
+    assert {"grid-00000.png", "grid-00000.json", "r00-c00.png", "r00-c01.png", "metrics.json"} <= names(paths)
     assert_modes(paths, 0o022)
 
 
