@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 LORA_PREFIX = "lora.adapters."  # a LoRA run's adapters (see ldm.lora), merged into the UNet when read
+TEXT_LORA_PREFIX = "text_lora.adapters."  # its text encoder's (lora.text_encoder), merged into that
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 EMA_PREFIX = "model_ema."
@@ -276,14 +277,22 @@ def read_ldm_file(
 
 
 def _merge_trained_lora(sd: dict[str, Tensor]) -> None:
-    """A LoRA run's checkpoint holds the frozen UNet and its adapters (`lora.adapters.*`): fold them into
-    the UNet's weights, so the file samples and converts as the fine-tuned model it is."""
-    from ldm.lora import adapter_deltas
+    """A LoRA run's checkpoint holds the frozen UNet and its adapters (`lora.adapters.*`), and the frozen text
+    encoder and its adapters when it trained those too (`text_lora.adapters.*`): fold them into the weights,
+    so the file samples and converts as the fine-tuned model it is."""
+    from ldm.lora import adapter_deltas, text_adapter_deltas
 
     adapters = {k: sd.pop(k) for k in [k for k in sd if k.startswith(LORA_PREFIX)]}
     for key, delta in adapter_deltas(adapters, LORA_PREFIX).items():
         weight = sd[UNET_PREFIX + key]
         sd[UNET_PREFIX + key] = (weight.float() + delta.reshape(weight.shape)).to(weight.dtype)
+    text = {k: sd.pop(k) for k in [k for k in sd if k.startswith(TEXT_LORA_PREFIX)]}
+    if text:
+        # SD 2.x's OpenCLIP tower sits at cond_stage_model.model.*, SD 1.x's CLIP at cond_stage_model.transformer.*
+        kind = "openclip" if any(k.startswith(TEXT_PREFIX + "model.transformer.") for k in sd) else "clip"
+        for key, delta in text_adapter_deltas(text, kind, TEXT_LORA_PREFIX).items():
+            weight = sd[TEXT_PREFIX + key]
+            sd[TEXT_PREFIX + key] = (weight.float() + delta.reshape(weight.shape)).to(weight.dtype)
 
 
 def infer_config_from_ldm(sd: dict[str, Tensor], source: str = "checkpoint") -> dict[str, Any]:

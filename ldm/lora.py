@@ -634,8 +634,8 @@ def text_adapter_deltas(
     state_dict: Mapping[str, Tensor], kind: str, prefix: str = "text_lora.adapters."
 ) -> dict[str, Tensor]:
     """The updates of a TextEncoderLoRA saved in a training checkpoint (keys `<prefix><name>.*`), keyed by
-    weight names below `cond_stage_model.`; OpenCLIP's q, k, v rows come back as slices to add (see
-    `add_text_deltas`)."""
+    weight names below `cond_stage_model.`; OpenCLIP's q, k, v rows come back as whole in_proj updates
+    (zeros outside their rows), to add as they are."""
     names = sorted({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
     out: dict[str, Tensor] = {}
     for n in names:

@@ -4,7 +4,7 @@ It *is* a StableDiffusion (same attributes, so the same LDM key names in its che
 training step of DESIGN.md's data flow:
 
     z0 = scale_factor · E(image)                  frozen first stage, eval mode, no grads (or cached moments)
-    c  = text_encoder(caption, dropped w.p. p)    frozen unless train_text_encoder
+    c  = text_encoder(caption, dropped w.p. p)    frozen unless train_text_encoder (or adapted: lora.text_encoder)
     t, ε ~ generator seeded seed + global_rank    (so every GPU draws different noise)
     z_t = q_sample(z0, t, ε + offset_noise · ε')
     image-conditioned UNets also see, concatenated to z_t (model config `concat`):
@@ -20,6 +20,10 @@ ranks at each epoch's end, the run's end and checkpoints, logged as `data/skippe
 
 With `lora={rank, alpha, targets}` only low-rank adapters of the UNet train (ldm.lora); checkpoints hold
 them as `lora.adapters.*` (merged into the UNet when read), and train.py exports them as a kohya file.
+`lora.text_encoder={rank, alpha, targets, lr, max_steps}` adds adapters of the frozen text encoder (CLIP or
+OpenCLIP), in an optimizer group of their own (`lr`, the optimizer's when null) that stops updating after
+`max_steps` optimizer steps; checkpoints hold them as `text_lora.adapters.*` (merged into the text encoder
+when read), and the kohya file gets them as its `lora_te_*` part.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from ldm.data.masks import random_masks
 from ldm.lightning.data_report import SkipCounts, summary
 from ldm.lightning.ema import EMA
 from ldm.lightning.resume import start_next_epoch_fresh
-from ldm.lora import UNetLoRA
+from ldm.lora import TextEncoderLoRA, UNetLoRA
 from ldm.models.autoencoder import DiagonalGaussianDistribution
 from ldm.models.stable_diffusion import StableDiffusion, normalize_config, with_concat, with_runtime_options
 from ldm.sampling import apply_with_concat, semantic_condition
@@ -60,6 +64,9 @@ log = logging.getLogger(__name__)
 # Epoch-level values every rank already holds: "synced" with max, which keeps them as they are (and keeps
 # Lightning from warning that epoch-level values are not reduced across devices).
 _SAME_ON_EVERY_RANK = {"on_step": False, "on_epoch": True, "sync_dist": True, "reduce_fx": "max"}
+
+TEXT_LORA_GROUP = "text_encoder_lora"  # the optimizer param group of the text encoder's adapters (lr-AdamW/<name>)
+TEXT_LORA_KEYS = ("rank", "alpha", "targets", "lr", "max_steps")  # what module.lora.text_encoder takes
 
 
 def plain_tensors(state: dict[str, Any]) -> dict[str, Any]:
@@ -198,13 +205,49 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self.first_stage_model.requires_grad_(False)
         self.cond_stage_model.requires_grad_(train_text_encoder)
         self.lora: UNetLoRA | None = None
+        self.text_lora: TextEncoderLoRA | None = None
+        self.text_lora_lr: float | None = None
+        self.text_lora_max_steps: int | None = None
         if lora:
+            lora = dict(lora)
+            text = lora.pop("text_encoder", None)
             # Only the adapters train; an EMA of the frozen UNet would be a second copy of constants.
             self.model.requires_grad_(False)
-            self.lora = UNetLoRA(self.unet, **lora)
+            self.lora = UNetLoRA(self.unet, **lora)  # targets=[]: no UNet adapters (the text encoder's only)
+            if text is not None and text is not False:
+                self._add_text_lora({} if text is True else dict(text), train_text_encoder)
             ema_decay = None
         self.model_ema = EMA(self.model, ema_decay, ema_warmup) if ema_decay is not None else None
         self.train()  # Lightning never calls train() before fitting: this puts the frozen parts in eval
+
+    def _add_text_lora(self, text: dict[str, Any], train_text_encoder: bool) -> None:
+        """Adapters of the frozen text encoder (module.lora.text_encoder), rank and alpha the UNet's unless given."""
+        if train_text_encoder:
+            raise ValueError(
+                "module.lora.text_encoder and module.train_text_encoder=true both train the text encoder: "
+                "set one (LoRA adapters of the frozen encoder, or the whole encoder)"
+            )
+        unknown = sorted(set(text) - set(TEXT_LORA_KEYS))
+        if unknown:
+            raise ValueError(f"module.lora.text_encoder takes {list(TEXT_LORA_KEYS)}, not {unknown}")
+        lr, max_steps = text.pop("lr", None), text.pop("max_steps", None)
+        if lr is not None and float(lr) < 0:
+            raise ValueError(f"module.lora.text_encoder.lr must be at least 0, got {lr}")
+        if max_steps is not None and int(max_steps) < 0:
+            raise ValueError(f"module.lora.text_encoder.max_steps must be at least 0 (or null), got {max_steps}")
+        self.text_lora_lr = None if lr is None else float(lr)
+        self.text_lora_max_steps = None if max_steps is None else int(max_steps)
+        assert self.lora is not None
+        text.setdefault("rank", self.lora.rank)
+        text.setdefault("alpha", self.lora.alpha)
+        self.text_lora = TextEncoderLoRA(self.cond_stage_model, **text)
+
+    @property
+    def text_lora_training(self) -> bool:
+        """Whether the text encoder's adapters still take optimizer steps (before `max_steps`)."""
+        if self.text_lora is None:
+            return False
+        return self.text_lora_max_steps is None or self.global_step < self.text_lora_max_steps
 
     @property
     def skipped_samples(self) -> int:
@@ -297,10 +340,36 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         return self
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.param_groups() for p in group["params"]]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the UNet's (or its adapters'), with the text encoder when
+        train_text_encoder; and the text encoder's adapters in a group of their own, at their own LR."""
         params = list(self.lora.parameters() if self.lora is not None else self.model.parameters())
         if self.train_text_encoder:
             params += list(self.cond_stage_model.parameters())
-        return params
+        if self.text_lora is None:
+            return [{"params": params}]
+        text = {"params": list(self.text_lora.parameters()), "name": TEXT_LORA_GROUP}
+        if self.text_lora_lr is not None:
+            text["lr"] = self.text_lora_lr
+        return ([{"params": params, "name": "unet"}] if params else []) + [text]
+
+    def _stop_finished_text_lora(self, optimizer: Any) -> None:
+        """After module.lora.text_encoder.max_steps optimizer steps the text encoder's adapters stop: their
+        group's LR is 0 and their gradients are dropped before the step, so no optimizer touches them (no
+        weight decay, no moment update)."""
+        if self.text_lora is None or self.text_lora_training:
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for group in inner.param_groups:
+            if group.get("name") == TEXT_LORA_GROUP:
+                if group["lr"] != 0.0 and self.global_step == self.text_lora_max_steps:
+                    log.info("text-encoder LoRA: stopped after %d steps (module.lora.text_encoder.max_steps)",
+                             self.text_lora_max_steps)
+                group["lr"] = 0.0
+                for p in group["params"]:
+                    p.grad = None
 
     # -- randomness -----------------------------------------------------------------------------
 
@@ -471,7 +540,10 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         z0 = self._latents(batch)
         concat, keep = self._concat_and_captions(batch, z0)
-        with torch.set_grad_enabled(self.train_text_encoder):
+        # The text encoder's adapters keep their gradients past their max_steps under DDP, whose all-reduce
+        # expects every trainable parameter's (they are dropped before the step, see _stop_finished_text_lora).
+        text_grads = self.text_lora_training or (self.text_lora is not None and self.trainer.world_size > 1)
+        with torch.set_grad_enabled(self.train_text_encoder or text_grads):
             context = self._text_context(batch, keep)
         loss = self.diffusion_loss(z0, context if concat is None else {"crossattn": context, "concat": concat})
         # On the device, summed over ranks: whether any rank's loss is non-finite (every rank then skips
@@ -623,6 +695,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         # rank (agreed on the device in training_step) takes no optimizer step: AdamW's momentum and weight
         # decay would move the weights even on zero gradients. Nor does the LR scheduler or the EMA move.
         loss = optimizer_closure()
+        self._stop_finished_text_lora(optimizer)
         bad, self._window_bad = self._window_bad, None
         inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper keeps its own attributes
         if bad is None:  # no training_step of ours ran (a subclass's): nothing to guard
@@ -694,7 +767,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured (set optimizer=... in the training config)")
-        optimizer = self._optimizer_factory()(params=self.trainable_parameters())
+        optimizer = self._optimizer_factory()(params=self.param_groups())
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
