@@ -359,6 +359,12 @@ def check_config(cfg: DictConfig) -> None:
             f"missing mandatory value(s): {', '.join(missing)}; set them on the command line, "
             f"e.g. python train.py {missing[0]}=..."
         )
+    lora = cfg.module.get("lora")
+    if isinstance(lora, DictConfig) and lora.get("text_encoder") not in (None, False) and cfg.module.get("train_text_encoder"):
+        raise ConfigError(
+            "module.lora.text_encoder and module.train_text_encoder=true both train the text encoder: set one "
+            "(LoRA adapters of the frozen encoder, or the whole encoder)"
+        )
     if not cfg.module.get("init_from"):  # else the architecture is the checkpoint's: checked once built
         check_resolution(cfg.model, cfg.data.get("resolution"))
 
@@ -487,10 +493,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if getattr(module, "lora", None) is not None and trainer.is_global_zero:
         from ldm.lora import save_kohya
 
-        save_kohya(module.lora, module.config["unet"], output_dir / "lora.safetensors")
-        log.info("LoRA weights: %s (sample.py ckpt=<base> lora=...)", output_dir / "lora.safetensors")
+        # One file: the UNet's adapters (lora_unet_*) and the text encoder's when they trained (lora_te_*)
+        unet_part = module.lora if len(module.lora.adapters) else None
+        text_part = getattr(module, "text_lora", None)
+        if unet_part is not None or text_part is not None:
+            save_kohya(unet_part, module.config["unet"], output_dir / "lora.safetensors", text_lora=text_part)
+            log.info("LoRA weights: %s (sample.py ckpt=<base> lora=...)", output_dir / "lora.safetensors")
         if getattr(module, "train_text_encoder", False):
-            log.warning("lora.safetensors holds the UNet's adapters only; the trained text encoder is in the checkpoint")
+            log.warning("lora.safetensors holds the UNet's adapters only; the trained text encoder is in the checkpoint "
+                        "(module.lora.text_encoder trains text-encoder adapters that go in the file)")
     if stopper is not None:
         raise Interrupted(stopper.stopped_by, trainer.global_step, trainer.max_steps if trainer.max_steps > 0 else None,
                           stopper.checkpoint)
@@ -508,8 +519,13 @@ def user_error(err: BaseException) -> BaseException | None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from ldm.checkpoint import CheckpointError
+    from ldm.cli.sample import UsageError
+    from ldm.metrics import MetricError
 
-    if isinstance(err, ConfigError | CheckpointError | FileNotFoundError | OmegaConfBaseException):
+    # UsageError and MetricError: a training-time evaluation's settings (callbacks/evaluate), checked when the
+    # callback sets up inside trainer.fit, use ldm-eval's own words
+    if isinstance(err, ConfigError | CheckpointError | FileNotFoundError | OmegaConfBaseException | UsageError
+                  | MetricError):
         return err
     if isinstance(err, MisconfigurationException | InstantiationException) and isinstance(
         err.__cause__ or err, MisconfigurationException
