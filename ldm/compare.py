@@ -455,9 +455,9 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg)
     except (CheckpointError, UsageError, ValueError) as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise SystemExit(f"ldm-compare: error: {err}") from None
+        from ldm.cli.checks import exit_with_usage_error
+
+        exit_with_usage_error("ldm-compare", err)
     rows, cols = summary["rows"], summary["columns"]
     shape = f"{rows} row{'s' * (rows != 1)} x {cols} column{'s' * (cols != 1)}"
     print(f"wrote {summary['grid']} ({shape}) and {summary['json']}")

@@ -518,9 +518,9 @@ def hydra_main(cfg: DictConfig) -> None:
               file=sys.stderr)
         raise SystemExit(130) from None
     except (CheckpointError, MetricError, InputError, UsageError, ValueError) as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise SystemExit(f"ldm-eval: error: {err}") from None
+        from ldm.cli.checks import exit_with_usage_error
+
+        exit_with_usage_error("ldm-eval", err)
 
 
 if __name__ == "__main__":

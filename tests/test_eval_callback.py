@@ -191,6 +191,22 @@ def test_a_missing_weights_file_stops_the_run_in_one_line_before_training(tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped before the first step
 
 
+def test_a_setting_checked_inside_fit_is_one_line_too(tmp_path: Path, weights: dict[str, Path]) -> None:
+    """The callback's check of the model (text alone, not an image_concat model) runs in its setup, inside
+    trainer.fit: train.py still prints it as one line, with no traceback."""
+    write_shapes_shards(tmp_path / "train", num_samples=8, samples_per_shard=8, seed=0, variant="edit")
+    write_shapes_shards(tmp_path / "val", num_samples=8, samples_per_shard=8, seed=1, variant="edit")
+    result = cli("data=webdataset", f"data.train_shards={tmp_path}/train", f"data.val_shards={tmp_path}/val",
+                 "data.num_workers=0", "data.resolution=32", "conditioning=image_concat", "data.cond_image_key=cond.png",
+                 "+callbacks/evaluate=default", f"callbacks.evaluate.inception_weights={weights['inception']}",
+                 f"callbacks.evaluate.clip_model={weights['clip']}", f"hydra.run.dir={tmp_path}/run",
+                 "trainer.max_steps=1", *BARE, *QUIET, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(lines) == 1 and "generates from text alone" in lines[0], result.stderr[-3000:]
+
+
 def test_two_ranks_share_the_generation_and_rank_0_scores_what_one_process_would(
     tmp_path: Path, weights: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -410,3 +410,23 @@ print(json.dumps({"code": code, "imported": [m for m in ("torch", "torchmetrics"
         assert report == {"code": code, "imported": []}, done.stderr
         if code == 2:
             assert done.stderr.strip() == "ldm-eval: error: unknown key stepz (did you mean steps?); `ldm-eval --cfg job` lists the keys"
+
+
+def test_bad_input_typed_on_the_command_line_is_one_line(tmp_path: Path, weights: dict[str, Path], ckpt: Path) -> None:
+    """What test_bad_input_is_one_line_and_writes_nothing checks through compose, as a user meets it: the
+    `ldm-eval` command (python -m ldm.evaluate) exits 2 with one line naming the problem, and writes nothing."""
+    empty, prompts, mixed = tmp_path / "empty.txt", tmp_path / "prompts.txt", tmp_path / "no-images"
+    empty.write_text("\n  \n")
+    prompts.write_text("\n".join(PROMPTS[:2]))
+    mixed.mkdir()
+    (mixed / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    common = [f"ckpt={ckpt}", f"out_dir={out}", f"inception_weights={weights['inception']}", f"clip_model={weights['clip']}"]
+    for overrides, message in (([f"prompts={empty}", f"reference={mixed}"], "holds no prompts"),
+                               ([f"prompts={prompts}", f"reference={mixed}"], "holds no images")):
+        done = ldm_eval(*common, *overrides)
+        assert done.returncode == 2, done.stderr[-3000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ldm-eval: error: ") and message in lines[0], done.stderr[-3000:]
+    # Hydra's run log (evaluate.log) is the one file a run writes before its checks; no image, no metrics.json
+    assert {p.name for p in out.rglob("*") if not p.is_dir()} <= {"evaluate.log"}

@@ -213,6 +213,19 @@ def precheck(config_name: str, args: list[str]) -> None:
         raise ConfigProblem("; ".join(problems))
 
 
+def exit_with_usage_error(tool: str, err: BaseException) -> None:
+    """Bad input the message explains: `<tool>: error: <message>` alone on stderr and exit status 2, as
+    train.py, argparse and Hydra's own override errors do (not 1, a crash's status). With HYDRA_FULL_ERROR=1
+    the error is raised again instead, traceback and all. Call it from the `except` that caught `err`."""
+    import os
+    import sys
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"{tool}: error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def run_cli(config_name: str, hydra_main: Any, extra_overrides: Any = None, tool: str | None = None) -> None:
     """A console entry point: the command line as typed (ldm.cli.overrides), checked here, then Hydra.
     `extra_overrides(args) -> list[str]`, when given, adds overrides Hydra must see before it starts

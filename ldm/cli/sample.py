@@ -383,9 +383,9 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         written = run(cfg)
     except (CheckpointError, UsageError, ValueError) as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise SystemExit(f"sample.py: error: {err}") from None
+        from ldm.cli.checks import exit_with_usage_error
+
+        exit_with_usage_error("sample.py", err)
     log.info("wrote %d files to %s", len(written), cfg.out_dir)
     print(f"wrote {len(written)} images to {cfg.out_dir}")
 
