@@ -99,14 +99,16 @@ def image_condition(model: StableDiffusion, image: Tensor) -> Tensor:
     return model.first_stage_model.encode(image.to(device=param.device, dtype=param.dtype)).mode()
 
 
-def semantic_condition(seg: Tensor, num_classes: int, size: tuple[int, int]) -> Tensor:
+def semantic_condition(seg: Tensor, num_classes: int, size: tuple[int, int], check: bool = True) -> Tensor:
     """Class-index maps (B, H, W) as (B, K, h, w): one-hot, area-averaged to the latent size `size`
-    (each latent pixel holds the share of each class in its footprint)."""
+    (each latent pixel holds the share of each class in its footprint). `check=False` skips the range
+    check, a read of the labels on the host (a GPU stall): for training, whose loader has already skipped
+    maps with labels >= data.num_classes."""
     if seg.dtype.is_floating_point or seg.dim() != 3:
         raise ValueError(
             f"a semantic map is an integer (B, H, W) tensor of class indices, got {seg.dtype} {tuple(seg.shape)}"
         )
-    if seg.numel() and (seg.min() < 0 or seg.max() >= num_classes):
+    if check and seg.numel() and (seg.min() < 0 or seg.max() >= num_classes):
         raise ValueError(
             f"semantic map labels must lie in [0, {num_classes}) for this model, "
             f"found {int(seg.min())}..{int(seg.max())}"

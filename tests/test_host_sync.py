@@ -330,3 +330,19 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank_on_the_device(tmp_path: Path
         assert record["on_device"] and record["finite"]
         assert (record["ema_updates"], record["adam_steps"], record["last_epoch"]) == (3, [3], 3)
     assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_a_semantic_map_step_reads_no_labels_on_the_host(tmp_path: Path) -> None:
+    """The semantic map's one-hot condition in training skips the label range check (a host read each step;
+    the loader already skipped maps with labels >= data.num_classes); sampling still checks."""
+    from ldm.sampling import semantic_condition
+
+    module = tiny_module(tmp_path, "conditioning=semantic_map", "model.semantic_classes=5")
+    seg = torch.randint(0, 5, (2, 32, 32), generator=torch.Generator().manual_seed(0))
+    z0 = torch.randn(2, 4, 8, 8)
+    with no_device_reads():
+        concat, _ = module._concat_and_captions({"caption": ["a", "b"], "seg": seg}, z0)
+    assert torch.equal(concat, semantic_condition(seg, 5, (8, 8)))
+    assert concat.shape == (2, 5, 8, 8) and torch.allclose(concat.sum(1), torch.ones(2, 8, 8))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        semantic_condition(seg + 1, 5, (8, 8))
