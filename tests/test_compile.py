@@ -36,7 +36,9 @@ def loss_and_grads(module, batch) -> tuple[float, dict[str, torch.Tensor]]:  # n
     return float(loss), {n: p.grad.clone() for n, p in module.model.diffusion_model.named_parameters()}
 
 
-@pytest.mark.parametrize("option", ["channels_last", "compile"])
+# torch.compile's inductor compiles C++ for the CPU: 2-3 minutes on 2 cores, so `make test-all` runs it,
+# not the default suite
+@pytest.mark.parametrize("option", ["channels_last", pytest.param("compile", marks=pytest.mark.slow)])
 def test_speed_options_give_the_eager_loss_and_gradients(tmp_path, option: str) -> None:  # noqa: ANN001
     eager = tiny_module(tmp_path)
     fast = tiny_module(tmp_path, **{option: True})

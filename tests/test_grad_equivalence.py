@@ -40,9 +40,6 @@ from torch.utils.data import DataLoader, IterableDataset
 import ldm.lightning.module as module_py
 from ldm.lightning.module import LatentDiffusion
 
-# ~2 min of 2-process runs: in `make test-all` (-m slow), keeping `make test` well under CI's budget
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parent.parent
 # What Hydra (here and in the workers) imports this file as: pytest names it `test_grad_equivalence` (tests/ has no
 # __init__.py); not `tests.…`, as a package installed as `tests` (torch-fidelity ships one) would shadow it.
@@ -355,7 +352,7 @@ def wait_pair(root: Path, procs: list[subprocess.Popen], timeout: float = 600) -
         if failed or time.monotonic() > deadline:
             stop_pair(procs)
             rank = failed[0] if failed else 0
-            raise AssertionError(f"rank {rank} {'failed' if failed else 'timed out'}:\n"
+            raise AssertionError(f"rank {rank} {f'failed (exit {procs[rank].returncode})' if failed else 'timed out'}:\n"
                                  + (root / f"worker-rank{rank}.log").read_text()[-6000:])
         time.sleep(0.2)
     for rank, p in enumerate(procs):

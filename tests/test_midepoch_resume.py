@@ -235,7 +235,6 @@ def test_training_on_cached_latents_resumes_mid_epoch_exactly(tmp_path: Path) ->
     assert keys_of(tmp_path, "first") + keys_of(tmp_path, "resumed") == keys_of(tmp_path, "straight")
 
 
-@pytest.mark.slow  # ~1 min of 2-process start-up: keeps `make test` well under CI's budget (make test-all runs it)
 def test_two_ddp_ranks_resume_mid_epoch_exactly(tmp_path: Path) -> None:
     """train.py on 2 CPU processes (gloo), each rank its own stream (16 samples, batches of 2), 6-batch
     epochs (`epoch_length`): cut at step 5, the end (step 8) in the next epoch."""
