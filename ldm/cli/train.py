@@ -365,6 +365,13 @@ def check_config(cfg: DictConfig) -> None:
             "module.lora.text_encoder and module.train_text_encoder=true both train the text encoder: set one "
             "(LoRA adapters of the frozen encoder, or the whole encoder)"
         )
+    data = cfg.get("data") or {}
+    if str(data.get("_target_", "")).endswith("DreamBoothDataModule") and data.get("class_prompt") \
+            and not cfg.module.get("init_from"):
+        # said here, before a model is built (the data module says it too, at setup)
+        from ldm.data.dreambooth import NO_BASE
+
+        raise ConfigError(NO_BASE)
     if not cfg.module.get("init_from"):  # else the architecture is the checkpoint's: checked once built
         check_resolution(cfg.model, cfg.data.get("resolution"))
 

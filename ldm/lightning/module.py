@@ -12,6 +12,8 @@ training step of DESIGN.md's data flow:
       image (2C, InstructPix2Pix): mode(E(cond_image)), unscaled; text and image dropped as InstructPix2Pix
       semantic_map (C+K): the one-hot map of batch["seg"], area-averaged to latent size
     loss = mean(w(t) · |unet(z_t, t, c) - target|²),  target ε or v,  w = min-SNR-γ or 1
+    DreamBooth batches (`prior`: True for class rows, ldm.data.dreambooth): loss = mean over the instance rows
+      + prior_loss_weight · mean over the class rows (diffusers' prior preservation), per-sample w(t) as above
     EMA update of the UNet after each optimizer step (LDM's `model_ema.*`)
 
 Data samples the loader skipped are counted by reason on every rank from the batches' `skipped`, summed over
@@ -142,6 +144,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         force_prediction_type: bool = False,
         compile: bool = False,
         channels_last: bool = False,
+        prior_loss_weight: float | None = None,
     ):
         model = dict(model)
         model.pop("_target_", None)
@@ -171,6 +174,11 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         if not 0.0 <= image_dropout <= 1.0 - caption_dropout / 2:
             raise ValueError(f"image_dropout must be in [0, 1 - caption_dropout / 2], got {image_dropout}")
         self.image_dropout = image_dropout
+        if prior_loss_weight is not None and float(prior_loss_weight) < 0:
+            raise ValueError(f"module.prior_loss_weight must be at least 0 (DreamBooth: 1.0), got {prior_loss_weight}")
+        self.prior_loss_weight = float(prior_loss_weight or 0.0)
+        self.init_from = init_from  # the base weights (DreamBooth's class pictures are sampled from them)
+        self._loss_parts: tuple[Tensor, Tensor] | None = None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.caption_dropout = caption_dropout
@@ -503,7 +511,10 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             return apply_with_concat(self, z_t, t, context)
         return self.apply_model(z_t, t, context)
 
-    def diffusion_loss(self, z0: Tensor, context: Tensor | dict[str, Tensor]) -> Tensor:
+    def diffusion_loss(self, z0: Tensor, context: Tensor | dict[str, Tensor], prior: Tensor | None = None) -> Tensor:
+        """The batch's loss; with `prior` (True for DreamBooth's class rows) the mean of the instance rows' plus
+        prior_loss_weight x the mean of the class rows' (diffusers' train_dreambooth.py), both kept in
+        `_loss_parts` for the log."""
         g = self.generator
         t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), generator=g, device=self.device)
         noise = torch.randn(z0.shape, generator=g, device=self.device, dtype=z0.dtype)
@@ -516,7 +527,14 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.min_snr_gamma:
             per_sample = per_sample * self.schedule.min_snr_weight(t, self.min_snr_gamma, self.prediction_type)
-        return per_sample.mean()
+        if prior is None:
+            return per_sample.mean()
+        is_class = prior.to(device=per_sample.device, dtype=per_sample.dtype)  # on the device: no host read
+        is_instance = 1.0 - is_class
+        instance = (per_sample * is_instance).sum() / is_instance.sum().clamp_min(1.0)
+        prior_part = (per_sample * is_class).sum() / is_class.sum().clamp_min(1.0)
+        self._loss_parts = (instance, prior_part)
+        return instance + self.prior_loss_weight * prior_part
 
     def _concat_and_captions(self, batch: dict[str, Any], z0: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The UNet's concat input (or None) and which captions stay (see `_kept_captions`)."""
@@ -546,7 +564,9 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         text_grads = self.text_lora_training or (self.text_lora is not None and self.trainer.world_size > 1)
         with torch.set_grad_enabled(self.train_text_encoder or text_grads):
             context = self._text_context(batch, keep)
-        loss = self.diffusion_loss(z0, context if concat is None else {"crossattn": context, "concat": concat})
+        context = context if concat is None else {"crossattn": context, "concat": concat}
+        prior = batch.get("prior")  # DreamBooth's class rows (ldm.data.dreambooth)
+        loss = self.diffusion_loss(z0, context) if prior is None else self.diffusion_loss(z0, context, prior=prior)
         # On the device, summed over ranks: whether any rank's loss is non-finite (every rank then skips
         # this window's optimizer step alike, see optimizer_step) and the samples the loader skipped.
         skipped = sum((batch.get("skipped") or {}).values())
@@ -561,6 +581,11 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self._skipped_total = self._skipped_total + flags[1].long()
         self._skip_counts.add(batch, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
+        if prior is not None and self._loss_parts is not None:
+            instance, prior_part = self._loss_parts
+            self._loss_parts = None
+            self.log("train/instance_loss", instance, batch_size=z0.shape[0])
+            self.log("train/prior_loss", prior_part, batch_size=z0.shape[0])
         self.log("data/skipped_samples", self._skipped_total.float(), batch_size=z0.shape[0])
         # A non-finite loss is returned as it is: its backward runs on every rank alike (DDP's all-reduce,
         # FSDP's reduce-scatter), and optimizer_step makes the window's update a no-op.
