@@ -196,16 +196,16 @@ def test_a_run_cut_and_resumed_reads_the_same_samples_and_ends_with_the_same_wei
     tmp_path: Path, base: Path, instances: Path
 ) -> None:
     common = ["data.batch_size=2", "data.random_flip=true", "module.optimizer.lr=1e-3", "trainer.max_steps=4",
-              "callbacks.checkpoint.every_n_train_steps=1000"]
+              "trainer.accumulate_grad_batches=2", "callbacks.checkpoint.every_n_train_steps=1000"]
     train(dreambooth(tmp_path, base, instances, *common, *probe("straight"), output_dir="${paths.root}/straight"))
     train(dreambooth(tmp_path, base, instances, *common, "trainer.max_steps=2", *probe("first"),
                      output_dir="${paths.root}/cut/first"))
     train(dreambooth(tmp_path, base, instances, *common, "ckpt_path=last", *probe("resumed"),
                      output_dir="${paths.root}/cut/new"))
     straight, first, resumed = (BatchProbe.records[k] for k in ("straight", "first", "resumed"))
-    assert len(straight) == 4 and len(first) == 2 and len(resumed) == 2
+    assert len(straight) == 8 and len(first) == 4 and len(resumed) == 4  # 2 batches a step
     assert first + resumed == straight  # the same pictures, crops, flips and class rows, in order
-    assert straight[0]["images"] != straight[2]["images"]  # (the stream does move on)
+    assert straight[0]["images"] != straight[4]["images"]  # (the stream does move on)
     a = load_ckpt(tmp_path / "runs" / "straight" / "checkpoints" / "last.ckpt")
     (cut,) = (tmp_path / "runs" / "cut").glob("*/checkpoints/last.ckpt")
     b = load_ckpt(cut)
@@ -308,6 +308,8 @@ def bad_inputs(base: Path, instances: Path, empty: Path, missing: Path) -> dict[
                                         "module.prior_loss_weight=1.0 weighs the class pictures' loss, but data.class_prompt is not set"),
         "class_prompt without base": ([*plain, f"data.instance_dir={instances}", f"data.class_prompt={CLASS}"],
                                       "prior preservation samples the base model: set module.init_from=..."),
+        "null as text": ([*plain, f"data.instance_dir={instances}", f"init_from={base}", "data.class_prompt=null"],
+                         "data.class_prompt='null' would be taken as text: to leave it unset give data.class_prompt= (empty)"),
         "experiment without instance_dir": (["experiment=dreambooth", *TINY, f"init_from={base}"],
                                             "missing mandatory value(s): data.instance_dir"),
         "experiment without init_from": (["experiment=dreambooth", *TINY, f"data.instance_dir={instances}"],
@@ -316,7 +318,7 @@ def bad_inputs(base: Path, instances: Path, empty: Path, missing: Path) -> dict[
 
 
 @pytest.mark.parametrize("case", ["missing instance_dir", "no pictures", "no caption", "weight without class_prompt",
-                                  "class_prompt without base",
+                                  "class_prompt without base", "null as text",
                                   "experiment without instance_dir", "experiment without init_from"])
 def test_bad_input_stops_with_one_line_naming_the_fix(
     case: str, tmp_path: Path, base: Path, instances: Path, empty_dir: Path, sampled: list[int],

@@ -49,7 +49,7 @@ PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MANY_TOKENS = 3  # a trigger word of this many CLIP tokens or more gets a warning
 _INSTANCE, _CLASS = 0, 1  # the two sample streams' seeds
 NO_BASE = ("prior preservation samples the base model: set module.init_from=... (init_from=, the checkpoint you "
-           "fine-tune), or data.class_prompt=null to train without class pictures")
+           "fine-tune), or data.class_prompt= (empty) to train without class pictures")
 
 
 def instance_pictures(folder: Path) -> list[Path]:
@@ -206,6 +206,11 @@ class DreamBoothDataModule(lightning.LightningDataModule):
             raise UsageError(f"data.resolution must be a positive multiple of 8 (the VAE downsamples 8x), got {resolution}")
         if batch_size < 1 or num_workers < 0:
             raise UsageError(f"need data.batch_size >= 1 and data.num_workers >= 0, got {batch_size}, {num_workers}")
+        for name, text in (("instance_prompt", instance_prompt), ("class_prompt", class_prompt)):
+            if isinstance(text, str) and text.strip().lower() in ("null", "none"):
+                # train.py takes prompts verbatim, so `data.class_prompt=null` is the text "null"
+                raise UsageError(f"data.{name}={text!r} would be taken as text: to leave it unset give data.{name}= "
+                                 "(empty)")
         folder = Path(instance_dir)
         if not folder.is_dir():
             raise UsageError(f"data.instance_dir={instance_dir} is not a folder: give the folder of the subject's "
