@@ -23,12 +23,14 @@ demo: $(STAMP)
 		prompt="a red circle on a blue background" num_images=4 steps=25 out_dir=outputs/demo-samples
 
 # Two test processes (pytest-xdist), a file per process at a time so module fixtures are built once: most
-# tests run on one thread, and the machines CI runs on have 2 cores (one torch thread per process).
+# tests run on one thread, and the machines CI runs on have 2 cores (one torch thread per process). Files go
+# out in collection order, which tests/conftest.py makes longest first (xdist would otherwise start with the
+# files of most tests, and the longest file, collected last, would leave one process idle at the end).
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-all: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m ''
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m ''
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
 from test_train_ddp import train_ddp
 
@@ -49,6 +50,8 @@ def last_checkpoint(tmp_path: Path, runs: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+@pytest.mark.slow  # 5 two-process runs (~170 s); FSDP2's gradients against DDP and 1 process, with broken twins, are in
+# the default suite (tests/test_grad_equivalence.py)
 def test_fsdp_matches_ddp_and_resumes_exactly(tmp_path: Path) -> None:
     train_ddp(tmp_path, "ddp", "trainer.max_steps=4", *COMMON, runs="ddp")
     fsdp = train_ddp(tmp_path, "fsdp", "trainer.max_steps=4", *COMMON, trainer=FSDP_ON_CPU, runs="fsdp")
