@@ -365,6 +365,14 @@ def check_config(cfg: DictConfig) -> None:
             "module.lora.text_encoder and module.train_text_encoder=true both train the text encoder: set one "
             "(LoRA adapters of the frozen encoder, or the whole encoder)"
         )
+    text_encoder = cfg.module.get("text_encoder")
+    if text_encoder is not None:
+        from ldm.lightning.module import text_encoder_settings
+
+        try:  # said before a model is built (the module says it too)
+            text_encoder_settings(OmegaConf.to_container(text_encoder, resolve=True), bool(cfg.module.get("train_text_encoder")))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     data = cfg.get("data") or {}
     if str(data.get("_target_", "")).endswith("DreamBoothDataModule") and data.get("class_prompt") \
             and not cfg.module.get("init_from"):

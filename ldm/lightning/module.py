@@ -26,6 +26,11 @@ them as `lora.adapters.*` (merged into the UNet when read), and train.py exports
 OpenCLIP), in an optimizer group of their own (`lr`, the optimizer's when null) that stops updating after
 `max_steps` optimizer steps; checkpoints hold them as `text_lora.adapters.*` (merged into the text encoder
 when read), and the kohya file gets them as its `lora_te_*` part.
+
+With `train_text_encoder=true` the whole text encoder trains, in an optimizer group of its own
+(`text_encoder={lr, max_steps}`: its LR, the optimizer's when null, and no updates after `max_steps` optimizer
+steps, all steps when null), as kohya's `--learning_rate_te` / `--stop_text_encoder_training` and diffusers'
+DreamBooth `--train_text_encoder`; the LR scheduler scales its group as the UNet's.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ _SAME_ON_EVERY_RANK = {"on_step": False, "on_epoch": True, "sync_dist": True, "r
 
 TEXT_LORA_GROUP = "text_encoder_lora"  # the optimizer param group of the text encoder's adapters (lr-AdamW/<name>)
 TEXT_LORA_KEYS = ("rank", "alpha", "targets", "lr", "max_steps")  # what module.lora.text_encoder takes
+TEXT_ENCODER_GROUP = "text_encoder"  # the optimizer param group of the whole text encoder (train_text_encoder)
+TEXT_ENCODER_KEYS = ("lr", "max_steps")  # what module.text_encoder takes
 
 
 def plain_tensors(state: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +84,28 @@ def plain_tensors(state: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, Tensor) and not value.is_contiguous():
             state[key] = value.contiguous()
     return state
+
+
+def text_encoder_settings(settings: dict[str, Any] | None, train_text_encoder: bool) -> tuple[float | None, int | None]:
+    """module.text_encoder={lr, max_steps} of the whole text encoder (train_text_encoder): checked, as (lr, max_steps)."""
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(TEXT_ENCODER_KEYS))
+    if unknown:
+        raise ValueError(f"module.text_encoder takes {list(TEXT_ENCODER_KEYS)}, not {unknown}")
+    lr, max_steps = settings.get("lr"), settings.get("max_steps")
+    if not train_text_encoder:
+        given = [f"module.text_encoder.{k}" for k in TEXT_ENCODER_KEYS if settings.get(k) is not None]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} set but the text encoder does not train: set module.train_text_encoder=true "
+                "to train the whole encoder with them, or use module.lora.text_encoder={lr, max_steps} for LoRA adapters of it"
+            )
+        return None, None
+    if lr is not None and float(lr) < 0:
+        raise ValueError(f"module.text_encoder.lr must be at least 0 (null: optimizer.lr), got {lr}")
+    if max_steps is not None and int(max_steps) < 0:
+        raise ValueError(f"module.text_encoder.max_steps must be at least 0 (null: all steps), got {max_steps}")
+    return (None if lr is None else float(lr)), (None if max_steps is None else int(max_steps))
 
 
 def _takes_keyword(func: Callable[..., Any], name: str) -> bool:
@@ -145,6 +174,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         prior_loss_weight: float | None = None,
+        text_encoder: dict[str, Any] | None = None,
     ):
         model = dict(model)
         model.pop("_target_", None)
@@ -185,6 +215,7 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self.min_snr_gamma = min_snr_gamma
         self.offset_noise = offset_noise
         self.train_text_encoder = train_text_encoder
+        self.text_encoder_lr, self.text_encoder_max_steps = text_encoder_settings(text_encoder, train_text_encoder)
         self.seed = seed
         self.scale_by_std = scale_by_std
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -256,6 +287,13 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         if self.text_lora is None:
             return False
         return self.text_lora_max_steps is None or self.global_step < self.text_lora_max_steps
+
+    @property
+    def text_encoder_training(self) -> bool:
+        """Whether the whole text encoder (train_text_encoder) still takes optimizer steps (before its max_steps)."""
+        if not self.train_text_encoder:
+            return False
+        return self.text_encoder_max_steps is None or self.global_step < self.text_encoder_max_steps
 
     @property
     def skipped_samples(self) -> int:
@@ -351,30 +389,39 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         return [p for group in self.param_groups() for p in group["params"]]
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's parameter groups: the UNet's (or its adapters'), with the text encoder when
-        train_text_encoder; and the text encoder's adapters in a group of their own, at their own LR."""
+        """The optimizer's parameter groups: the UNet's (or its adapters'); the whole text encoder's when
+        train_text_encoder, or the text encoder's adapters', each in a group of its own, at its own LR."""
         params = list(self.lora.parameters() if self.lora is not None else self.model.parameters())
+        text: dict[str, Any] | None = None
         if self.train_text_encoder:
-            params += list(self.cond_stage_model.parameters())
-        if self.text_lora is None:
+            text = {"params": list(self.cond_stage_model.parameters()), "name": TEXT_ENCODER_GROUP}
+            lr = self.text_encoder_lr
+        elif self.text_lora is not None:
+            text = {"params": list(self.text_lora.parameters()), "name": TEXT_LORA_GROUP}
+            lr = self.text_lora_lr
+        if text is None:
             return [{"params": params}]
-        text = {"params": list(self.text_lora.parameters()), "name": TEXT_LORA_GROUP}
-        if self.text_lora_lr is not None:
-            text["lr"] = self.text_lora_lr
+        if lr is not None:
+            text["lr"] = lr
         return ([{"params": params, "name": "unet"}] if params else []) + [text]
 
     def _stop_finished_text_lora(self, optimizer: Any) -> None:
-        """After module.lora.text_encoder.max_steps optimizer steps the text encoder's adapters stop: their
-        group's LR is 0 and their gradients are dropped before the step, so no optimizer touches them (no
-        weight decay, no moment update)."""
-        if self.text_lora is None or self.text_lora_training:
+        """After its max_steps optimizer steps (module.text_encoder.max_steps, module.lora.text_encoder.max_steps)
+        the text encoder, or its adapters, stop: their group's LR is 0 and their gradients are dropped before
+        the step, so no optimizer touches them (no weight decay, no moment update, no new state)."""
+        if self.train_text_encoder and not self.text_encoder_training:
+            name, steps, what = TEXT_ENCODER_GROUP, self.text_encoder_max_steps, "text encoder"
+            key = "module.text_encoder.max_steps"
+        elif self.text_lora is not None and not self.text_lora_training:
+            name, steps, what = TEXT_LORA_GROUP, self.text_lora_max_steps, "text-encoder LoRA"
+            key = "module.lora.text_encoder.max_steps"
+        else:
             return
         inner = getattr(optimizer, "optimizer", optimizer)
         for group in inner.param_groups:
-            if group.get("name") == TEXT_LORA_GROUP:
-                if group["lr"] != 0.0 and self.global_step == self.text_lora_max_steps:
-                    log.info("text-encoder LoRA: stopped after %d steps (module.lora.text_encoder.max_steps)",
-                             self.text_lora_max_steps)
+            if group.get("name") == name:
+                if group["lr"] != 0.0 and self.global_step == steps:
+                    log.info("%s: stopped after %d steps (%s)", what, steps, key)
                 group["lr"] = 0.0
                 for p in group["params"]:
                     p.grad = None
@@ -559,10 +606,11 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         z0 = self._latents(batch)
         concat, keep = self._concat_and_captions(batch, z0)
-        # The text encoder's adapters keep their gradients past their max_steps under DDP, whose all-reduce
+        # The text encoder (or its adapters) keeps its gradients past its max_steps under DDP, whose all-reduce
         # expects every trainable parameter's (they are dropped before the step, see _stop_finished_text_lora).
-        text_grads = self.text_lora_training or (self.text_lora is not None and self.trainer.world_size > 1)
-        with torch.set_grad_enabled(self.train_text_encoder or text_grads):
+        trains_text = self.train_text_encoder or self.text_lora is not None
+        text_grads = self.text_encoder_training or self.text_lora_training or (trains_text and self.trainer.world_size > 1)
+        with torch.set_grad_enabled(text_grads):
             context = self._text_context(batch, keep)
         context = context if concat is None else {"crossattn": context, "concat": concat}
         prior = batch.get("prior")  # DreamBooth's class rows (ldm.data.dreambooth)
