@@ -93,6 +93,12 @@ def test_the_text_encoder_trains_at_its_own_lr_stops_after_max_steps_and_resumes
         resumed = step(again, n)
         assert same(resumed["state_dict"], states[n]["state_dict"]), f"step {n}"
         assert all(same(a, b) for a, b in zip(text_state(resumed), text_state(states[n]), strict=True))
+    # and from step 3, after the stop: the encoder stays stopped, the UNet ends as the uninterrupted run's
+    late = run_training(root, start, "resumed-late", *settings, f"ckpt_path={out / 'checkpoints' / 'step-0000003.ckpt'}",
+                        "resume_in_place=false")
+    resumed = step(late, STEPS)
+    assert same(resumed["state_dict"], states[STEPS]["state_dict"])
+    assert resumed["optimizer_states"][0]["param_groups"][1]["lr"] == 0.0
 
 
 def test_at_lr_0_the_text_encoder_stays_bit_identical_while_the_unet_moves(tmp_path: Path):
