@@ -159,6 +159,10 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _picture(root / name, i)
     _picture(root / "mask.png", 0, "L")
     _picture(root / "layout.png", 1, "L", classes=4)
+    for folder in ("dog", "arcane_frames"):  # DreamBooth instance folders
+        (root / folder).mkdir()
+        for i in range(3):
+            _picture(root / folder / f"{folder}{i}.png", 20 + i)
     (root / "prompts.txt").write_text("a red circle on a blue background\na castle, oil painting\n")
     # ldm-eval's weights, random, in the files' own formats (torch-fidelity's Inception, a transformers CLIP)
     write_inception(root / "weights-inception-2015-12-05-6726825d.pth")
@@ -219,6 +223,8 @@ def train_overrides(args: list[str]) -> list[str]:
         extra += ["data.num_samples=32", "data.samples_per_shard=16", "data.batch_size=4"]
     else:
         extra += ["data.batch_size=2", "data.num_workers=0", "data.resolution=32"]
+    if str(cfg.data._target_).endswith("DreamBoothDataModule"):
+        extra += ["data.num_class_images=2", "data.class_steps=2", "data.class_batch_size=2"]
     for name, callback in (cfg.get("callbacks") or {}).items():
         if callback is not None and "steps" in callback:
             extra.append(f"callbacks.{name}.steps=2")
