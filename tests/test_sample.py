@@ -239,6 +239,7 @@ def test_sd2_structure_v_prediction_matches_diffusers_from_single_file_and_folde
             assert_caught(our_images(folder, tmp_path / method, "euler", 8, 6.0, 5, 32, 1), theirs, what)
 
 
+@pytest.mark.slow  # full size (~45 s); the same pipeline parity runs at small size in the default suite
 def test_sd15_size_sample_matches_diffusers_pipeline(tmp_path):
     folder = write_pipeline(tmp_path, "sd15", seed=1)
     ours = our_images(folder, tmp_path / "out", "ddim", 4, 7.5, 1, 64, 1)

@@ -246,6 +246,7 @@ def test_demo_without_its_autoencoder_says_to_train_it_first(tmp_path: Path) -> 
 # -- learning and resuming -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~35 s; tests/test_demo_ci.py shows more in the default suite: captions learned, not only the loss
 def test_loss_falls_on_demo_shards(tmp_path: Path) -> None:
     cfg = compose_train(
         tmp_path,

@@ -351,9 +351,11 @@ def full_size_parity(name: str, context_len: int = 77) -> float:
     return rel_err(ours, theirs)
 
 
+@pytest.mark.slow  # full size; small-size parity in the default suite
 def test_full_size_sd15_matches_diffusers():
     assert full_size_parity("sd15") < 1e-4
 
 
+@pytest.mark.slow  # full size; small-size parity in the default suite
 def test_full_size_sd21_v_matches_diffusers():
     assert full_size_parity("sd21") < 1e-4
