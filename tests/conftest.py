@@ -21,6 +21,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(autouse=True)
+def _logging_restored():
+    """Tests that run a CLI's main() in this process leave no Hydra log handler behind for later tests."""
+    from helpers import logging_as_it_was
+
+    with logging_as_it_was():
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     yield

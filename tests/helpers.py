@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,3 +44,33 @@ def randomize_(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> tor
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@contextmanager
+def logging_as_it_was() -> Iterator[None]:
+    """Every logger's handlers, level and flags as they were before: a CLI entry point run in the test process
+    (train.py's or sample.py's main) has Hydra set up its job logging, whose handlers would outlive the test,
+    writing to its captured stderr or to a log file in its tmp folder long gone."""
+    manager = logging.Logger.manager
+    loggers = [logging.getLogger(), *(lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    saved = {id(lg): (lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers}
+    try:
+        yield
+    finally:
+        for lg in [logging.getLogger(), *manager.loggerDict.values()]:
+            if not isinstance(lg, logging.Logger):
+                continue
+            handlers, level, propagate, disabled = saved.get(id(lg), ([], logging.NOTSET, True, False))
+            # pytest's own capture handlers come and go with each test phase: they stay as pytest left them
+            pytests = [h for h in lg.handlers if _is_pytests(h)]
+            ours = [h for h in handlers if not _is_pytests(h)]
+            for handler in lg.handlers:
+                if handler not in ours and handler not in pytests:
+                    handler.close()
+            lg.handlers[:] = ours + pytests
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
+
+
+def _is_pytests(handler: logging.Handler) -> bool:
+    return type(handler).__module__.startswith("_pytest")

@@ -12,8 +12,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,7 +19,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import model_config, randomize_
+from helpers import logging_as_it_was, model_config, randomize_
 from PIL import Image
 from test_host_sync import no_device_reads
 from test_train import BARE, QUIET, compose_train, load_ckpt, trained_tensors
@@ -267,25 +265,6 @@ def train_py(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.
         except SystemExit as exit_:
             code = int(exit_.code or 0)
     return code, capsys.readouterr().err
-
-
-@contextmanager
-def logging_as_it_was() -> Iterator[None]:
-    """Hydra's job logging, set up by train.py's main, leaves handlers on this test's captured stderr: they are
-    taken off again, so later tests in this process log as before."""
-    manager = logging.Logger.manager
-    loggers = [logging.getLogger(), *(lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger))]
-    saved = {id(lg): (lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers}
-    try:
-        yield
-    finally:
-        for lg in [logging.getLogger(), *manager.loggerDict.values()]:
-            if not isinstance(lg, logging.Logger):
-                continue
-            _, handlers, level, propagate, disabled = saved.get(id(lg), (lg, [], logging.NOTSET, True, False))
-            lg.handlers[:] = handlers
-            lg.setLevel(level)
-            lg.propagate, lg.disabled = propagate, disabled
 
 
 @pytest.fixture
