@@ -22,7 +22,14 @@ import torch
 from helpers import logging_as_it_was, model_config, randomize_
 from PIL import Image
 from test_host_sync import no_device_reads
-from test_train import BARE, QUIET, compose_train, load_ckpt, trained_tensors
+from test_train import (
+    BARE,
+    QUIET,
+    _one_thread,  # noqa: F401 (autouse: tiny models on one thread)
+    compose_train,
+    load_ckpt,
+    trained_tensors,
+)
 
 from ldm import sampling
 from ldm.checkpoint import checkpoint_from_model, save_checkpoint
@@ -42,13 +49,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,14 @@ from safetensors.torch import load_file
 from test_host_sync import EVERY, ReadGuard, run_with
 from test_host_sync import STEPS as GUARDED_STEPS
 from test_lora_text_train import part, same, start_checkpoint, step
-from test_train import BARE, QUIET, cli, compose_train, load_ckpt
+from test_train import (
+    BARE,
+    QUIET,
+    _one_thread,  # noqa: F401 (autouse: tiny models on one thread)
+    cli,
+    compose_train,
+    load_ckpt,
+)
 
 from ldm.cli.train import train
 from ldm.lightning.module import TEXT_ENCODER_GROUP, LatentDiffusion
@@ -28,12 +35,6 @@ UNET = "model.diffusion_model."
 SCHEDULE = ["module.lr_scheduler.start_factor=0.5", f"module.lr_scheduler.total_iters={STEPS}"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_training(root: Path, start: Path, out: str, *more: str) -> Path:

@@ -260,13 +260,10 @@ class DreamBoothDataModule(lightning.LightningDataModule):
     def tokenize_with(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> bool:
         """Tokenize captions in the loader's workers with the training model's own tokenizer (the same ids):
         batches get `input_ids`. Workers are forked (or the tokenizer pickles), as WebDataModule's."""
-        import pickle
+        from ldm.data.webdataset import workers_can_take
 
-        if self.num_workers > 0 and torch.multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
-            try:
-                pickle.dumps(tokenizer)
-            except (pickle.PicklingError, TypeError, AttributeError):
-                return False
+        if not workers_can_take(tokenizer, self.num_workers):
+            return False
         self.tokenizer = tokenizer
         return True
 

@@ -832,6 +832,16 @@ def _gather_over_ranks(value: Any, world_size: int) -> list[Any]:
     return values
 
 
+def workers_can_take(tokenizer: Callable[[list[str]], torch.Tensor], num_workers: int) -> bool:
+    """Whether DataLoader workers get this tokenizer: always when forked (or with none), else only if it pickles."""
+    if num_workers > 0 and torch.multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
+        try:
+            pickle.dumps(tokenizer)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            return False
+    return True
+
+
 def _check_conditioning(cond_image_key: str | None, seg_key: str | None, num_classes: int | None) -> None:
     for name, key in (("cond_image_key", cond_image_key), ("seg_key", seg_key)):
         if key is not None and (not key or key.lower() == "__key__" or key.lower() in IMAGE_KEYS):
@@ -907,11 +917,8 @@ class WebDataModule(lightning.LightningDataModule):
         """Tokenize captions in the loader's workers with the training model's own tokenizer (the same
         object, so the same ids): batches get `input_ids` beside `caption`. Returns whether it will: a
         tokenizer that cannot be pickled reaches workers only where they are forked."""
-        if self.num_workers > 0 and torch.multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
-            try:
-                pickle.dumps(tokenizer)
-            except (pickle.PicklingError, TypeError, AttributeError):
-                return False
+        if not workers_can_take(tokenizer, self.num_workers):
+            return False
         self.tokenizer = tokenizer
         return True
 
