@@ -364,7 +364,9 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
             raise ValueError("LoRA training under trainer=fsdp is not supported: use trainer=ddp (adapters are small)")
         from ldm.lightning.fsdp import shard_latent_diffusion
 
-        shard_latent_diffusion(self, mesh["data_parallel"])
+        strategy = self.trainer.strategy
+        policy = strategy.mixed_precision(self.trainer.precision) if hasattr(strategy, "mixed_precision") else None
+        shard_latent_diffusion(self, mesh["data_parallel"], policy)
         self._sharded = True
 
     def on_fit_start(self) -> None:
