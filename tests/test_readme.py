@@ -223,6 +223,8 @@ def train_overrides(args: list[str]) -> list[str]:
         extra += ["data.num_samples=32", "data.samples_per_shard=16", "data.batch_size=4"]
     else:
         extra += ["data.batch_size=2", "data.num_workers=0", "data.resolution=32"]
+        if "bucket_step" in cfg.data:  # aspect-ratio buckets (on in the fine-tune recipes) around 32 px
+            extra.append("data.bucket_step=8")
     if str(cfg.data._target_).endswith("DreamBoothDataModule"):
         extra += ["data.num_class_images=2", "data.class_steps=2", "data.class_batch_size=2"]
     for name, callback in (cfg.get("callbacks") or {}).items():

@@ -86,6 +86,8 @@ def shrink(cfg: DictConfig, root: Path, overrides: list[str]) -> DictConfig:
             cfg.data.update({k: v for k, v in TINY_DATA.items() if f"data.{k}" not in given})
         elif cfg.model.get("image_size") == 32:
             cfg.data.update({k: v for k, v in TINY_WEB_DATA.items() if f"data.{k}" not in given})
+            if "bucket_step" in cfg.data and "data.bucket_step" not in given:
+                cfg.data.bucket_step = 8  # aspect-ratio buckets (on in the fine-tune recipes) around 32 px
         for callback in (cfg.get("callbacks") or {}).values():
             if callback is not None and "steps" in callback:
                 callback.steps = 2

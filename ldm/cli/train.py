@@ -381,10 +381,17 @@ def check_config(cfg: DictConfig) -> None:
 
         raise ConfigError(NO_BASE)
     if not cfg.module.get("init_from"):  # else the architecture is the checkpoint's: checked once built
-        check_resolution(cfg.model, cfg.data.get("resolution"))
+        check_resolution(cfg.model, cfg.data.get("resolution"), bucket_step=bucket_step(cfg))
 
 
-def check_resolution(model: Any, resolution: int | None, source: str = "this model") -> None:
+def bucket_step(cfg: DictConfig) -> int | None:
+    """data.bucket_step when aspect-ratio buckets are on (every bucket's sides are multiples of it)."""
+    return cfg.data.get("bucket_step") if cfg.data.get("buckets") and not cfg.data.get("latents") else None
+
+
+def check_resolution(
+    model: Any, resolution: int | None, source: str = "this model", bucket_step: int | None = None
+) -> None:
     from ldm.models.stable_diffusion import downsampling_factor
 
     factor = downsampling_factor(model["first_stage"])
@@ -395,6 +402,12 @@ def check_resolution(model: Any, resolution: int | None, source: str = "this mod
         raise ConfigError(
             f"data.resolution={resolution} cannot go through {source}: it must be a multiple of "
             f"{multiple} (autoencoder downsampling {factor} x UNet levels {levels})"
+        )
+    if bucket_step is not None and bucket_step % multiple:
+        raise ConfigError(
+            f"data.bucket_step={bucket_step} cannot go through {source}: bucket sides must be multiples of "
+            f"{multiple} (autoencoder downsampling {factor} x UNet levels {levels}); set data.bucket_step to a "
+            f"multiple of {multiple}"
         )
 
 
@@ -419,6 +432,11 @@ def check_cached_latents(datamodule: Any, module: Any) -> None:
                 f"data.{key} is set but data.train_shards were cached without it: re-run ldm-cache-latents "
                 f"with {flag} {getattr(datamodule, key)}"
             )
+    if info.get("buckets") and not getattr(datamodule, "buckets", False):
+        raise ConfigError(
+            "data.train_shards were cached with --buckets (latents of several shapes): train on them with "
+            "data.buckets=true, or cache again without --buckets"
+        )
     if info["resolution"] != datamodule.resolution:
         raise ConfigError(
             f"data.train_shards were cached at resolution {info['resolution']}, data.resolution is "
@@ -488,7 +506,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model_cfg.pop("_target_", None)
     module = instantiate(cfg.module, model=model_cfg, _convert_="all")
     if cfg.module.get("init_from") and isinstance(getattr(module, "config", None), dict) and "unet" in module.config:
-        check_resolution(module.config, cfg.data.get("resolution"), f"the model in init_from={cfg.module.init_from}")
+        check_resolution(module.config, cfg.data.get("resolution"), f"the model in init_from={cfg.module.init_from}",
+                         bucket_step(cfg))
     loggers = build_loggers(cfg, resume_step)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

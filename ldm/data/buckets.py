@@ -94,15 +94,21 @@ class BucketQueue(Generic[T]):
         return sum(len(q) for q in self.queues.values())
 
     def push(self, bucket: Hashable, item: T, tag: Any = None) -> list[tuple[Hashable, list[T]]]:
+        ready = [self.put(bucket, item, tag), self.overflow()]
+        return [batch for batch in ready if batch is not None]
+
+    def put(self, bucket: Hashable, item: T, tag: Any = None) -> tuple[Hashable, list[T]] | None:
+        """`push`'s first half: hold `item`; the bucket's batch once it holds `batch_size` items."""
         queue = self.queues.setdefault(bucket, [])
         queue.append(_Held(self.arrivals, item, tag))
         self.arrivals += 1
-        ready = []
-        if len(queue) >= self.batch_size:
-            ready.append((bucket, self._take(bucket)))
-        if len(self) > self.capacity:
-            ready.append(self._take_fullest())
-        return ready
+        return (bucket, self._take(bucket)) if len(queue) >= self.batch_size else None
+
+    def overflow(self) -> tuple[Hashable, list[T]] | None:
+        """`push`'s second half: the fullest bucket as a short batch when more than `capacity` items are held.
+        A stream that saves `state()` between the two halves (after handing out `put`'s batch) calls this
+        first thing after `restore`, so the short batch the saved queue owed still comes next."""
+        return self._take_fullest() if len(self) > self.capacity else None
 
     def drain(self) -> Iterator[tuple[Hashable, list[T]]]:
         while self.queues:

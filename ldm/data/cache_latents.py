@@ -13,6 +13,16 @@ on cached latents takes the steps a run on the images would take, minus the enco
 fixed when caching (centre crop, no flip). `OUT/cache.json` records the autoencoder's fingerprint, and
 train.py refuses latents made by another autoencoder.
 
+Aspect-ratio buckets: `--buckets` (with `--bucket-step 64 --bucket-max-ratio 2.0`, as data.bucket_*) encodes
+each picture at its bucket (the one of nearest aspect ratio among those of about resolution² pixels; see
+ldm.data.buckets), cover-resized and centre-cropped to it, in batches of one bucket; a shard's samples are then
+written grouped by bucket (not in the source's order). Train on them with data.buckets=true (batches group by
+the latents' shape); cache.json records the buckets, and train.py refuses such latents without it.
+
+    ldm-cache-latents v1-5-pruned.safetensors 'shards/{000000..000099}.tar' latents/ --resolution 512 --buckets
+    python train.py experiment=sd15_finetune init_from=v1-5-pruned.safetensors data=cached_latents \\
+        data.train_shards=latents/ data.buckets=true
+
 Conditioned models: `--cond-image-key src.jpg` (editing) adds `cond_moments.npy`, the before picture's
 moments; `--seg-key seg.png` (semantic maps) keeps the class map, cropped as its image was, as a
 single-channel PNG under the same key (`--num-classes K` skips maps with labels >= K). Train with the
@@ -46,6 +56,7 @@ from ldm.checkpoint import VAE_PREFIX, CheckpointError, read_checkpoint, read_te
 from ldm.data.webdataset import (
     COND_MOMENTS_KEY,
     MOMENTS_KEY,
+    _check_buckets,
     _check_conditioning,
     _ShardStream,
     _StreamSpec,
@@ -140,6 +151,9 @@ def cache_latents(
     cond_image_key: str | None = None,
     seg_key: str | None = None,
     num_classes: int | None = None,
+    buckets: bool = False,
+    bucket_step: int = 64,
+    bucket_max_ratio: float = 2.0,
 ) -> dict[str, Any]:
     """Write one latent shard per source shard into `out_dir`; returns what `cache.json` records.
 
@@ -151,7 +165,11 @@ def cache_latents(
     if num_classes is not None and seg_key is None:
         raise ValueError("--num-classes filters class maps: it needs --seg-key")
     _check_conditioning(cond_image_key, seg_key, num_classes)
-    # webdataset lower-cases extensions, as WebDataModule does with these keys
+    try:
+        bucket_list = tuple(_check_buckets(resolution, bucket_step, bucket_max_ratio, None)) if buckets else None
+    except ValueError as err:  # in this tool's words: its flags, not data.* settings
+        raise ValueError(str(err).replace("data.bucket_", "--bucket-").replace("data.resolution", "--resolution")
+                         .replace("_", "-")) from None lower-cases extensions, as WebDataModule does with these keys
     cond_image_key = cond_image_key.lower() if cond_image_key else None
     seg_key = seg_key.lower() if seg_key else None
     urls = expand_shard_specs(src)
@@ -168,7 +186,7 @@ def cache_latents(
         spec = _StreamSpec(
             urls=[url], batch_size=batch_size, resolution=resolution, random_crop=False, random_flip=False,
             caption_key=caption_key, min_size=0, shuffle_buffer=0, resampled=False, rank=0, world_size=1,
-            cond_image_key=cond_image_key, seg_key=seg_key, num_classes=num_classes,
+            cond_image_key=cond_image_key, seg_key=seg_key, num_classes=num_classes, buckets=bucket_list,
         )
         written += _cache_shard(vae, spec, out_dir / name, DTYPES[dtype], skipped)
     info = {
@@ -178,6 +196,7 @@ def cache_latents(
         "dtype": dtype,
         "cond_image_key": cond_image_key,
         "seg_key": seg_key,
+        "buckets": {"step": bucket_step, "max_ratio": bucket_max_ratio} if buckets else None,
         "samples": written,
         "skipped": dict(skipped),
         "source": [str(u) for u in urls],
@@ -243,11 +262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cond-image-key", help="edit pairs: the before picture's key (e.g. src.jpg)")
     parser.add_argument("--seg-key", help="semantic maps: the class-index map's key (e.g. seg.png)")
     parser.add_argument("--num-classes", type=int, help="with --seg-key: skip maps with labels >= this")
+    parser.add_argument("--buckets", action="store_true",
+                        help="encode each picture at its aspect-ratio bucket (train with data.buckets=true)")
+    parser.add_argument("--bucket-step", type=int, default=64, help="with --buckets: bucket sides are multiples of this")
+    parser.add_argument("--bucket-max-ratio", type=float, default=2.0, help="with --buckets: the longest side over the shortest")
     args = parser.parse_args(argv)
     try:
         info = cache_latents(
             args.ckpt, args.src, args.out, args.resolution, args.batch_size, args.device, args.dtype,
             args.caption_key, args.overwrite, args.cond_image_key, args.seg_key, args.num_classes,
+            args.buckets, args.bucket_step, args.bucket_max_ratio,
         )
     except (OSError, ValueError, CheckpointError) as exc:
         parser.error(str(exc))

@@ -91,7 +91,8 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldm.data.transforms import apply_crop, decode_label_map, plan_crop, to_tensor
+from ldm.data.buckets import Bucket, BucketQueue, bucket_sizes, nearest_bucket
+from ldm.data.transforms import apply_crop, decode_label_map, plan_cover_crop, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +236,10 @@ class _StreamSpec:
     cond_image_key: str | None = None
     seg_key: str | None = None
     num_classes: int | None = None
+    # aspect-ratio buckets (None: every picture a `resolution` square); with `latents`, batches group by the
+    # cached latents' shape instead. `bucket_buffer`: a worker's BucketQueue capacity (None: unbounded)
+    buckets: tuple[Bucket, ...] | None = None
+    bucket_buffer: int | None = None
     # captions -> token ids (the training model's tokenizer), run in the workers: batches get `input_ids`
     tokenizer: Callable[[list[str]], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
@@ -274,12 +279,13 @@ class _WorkerStream:
             urls = random.Random(seed).sample(urls, len(urls))
         return urls[self.spec.rank :: self.spec.world_size][worker::num_workers]
 
-    def augment_rng(self) -> random.Random:
-        """The crop and flip draws of the sample just taken: its own generator, so a stream that goes on
-        from a saved position draws what the uninterrupted one draws, without replaying earlier samples."""
+    def augment_rng(self, taken: int | None = None) -> random.Random:
+        """The crop and flip draws of the sample just taken (or of the `taken`-th one): its own generator, so
+        a stream that goes on from a saved position draws what the uninterrupted one draws, without replaying
+        earlier samples."""
         if not (self.spec.random_crop or self.spec.random_flip):
             return _NO_DRAWS
-        return random.Random(_mix_seed(self.augment_seed, self.taken))
+        return random.Random(_mix_seed(self.augment_seed, self.taken if taken is None else taken))
 
     def samples(self) -> Iterator[dict[str, Any]]:
         """Raw samples, shuffled; `state()` between two of them says where the stream stands."""
@@ -353,14 +359,24 @@ class _WorkerStream:
             "buffer_urls": {place[0]: sample["__url__"] for place, sample in zip(places, self.buffer, strict=True)},
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
-        """Go on from `state()` of an earlier run of this same stream (same pass seed, rank and worker)."""
+    def restore(
+        self,
+        state: dict[str, Any],
+        held: Sequence[tuple[int, int]] = (),
+        held_urls: dict[int, str] | None = None,
+    ) -> dict[tuple[int, int], dict[str, Any]]:
+        """Go on from `state()` of an earlier run of this same stream (same pass seed, rank and worker).
+
+        `held`: places (shard, sample number) of samples taken out of the buffer before `state()` but not yet
+        batched (a BucketQueue's), read again on the same way as the buffer's (`held_urls`: their shards' urls);
+        returns those found, by place."""
         self.rng.bit_generator.state = state["rng"]
         self.taken, self.exhausted = int(state["taken"]), bool(state["exhausted"])
         self.shard, self.member, self.url = int(state["shard"]), int(state["member"]), str(state["url"])
         places = [(int(s), int(m)) for s, m in state["buffer"].tolist()]
+        urls = {**(held_urls or {}), **state["buffer_urls"]}
         wanted: dict[int, set[int]] = {}
-        for shard, member in places:
+        for shard, member in [*places, *held]:
             wanted.setdefault(shard, set()).add(member)
         found: dict[tuple[int, int], dict[str, Any]] = {}
         # what reading again finds wrong with a shard was counted (and warned about) when it was first read
@@ -369,7 +385,7 @@ class _WorkerStream:
         for shard in sorted(wanted):
             if state["open"] and shard == self.shard:
                 continue  # read below, on the way to the upstream position
-            samples = _tar_samples(state["buffer_urls"][shard], quiet)
+            samples = _tar_samples(urls[shard], quiet)
             complete &= _collect(samples, shard, wanted[shard], found, max(wanted[shard]) + 1)
             samples.close()
         if state["open"]:
@@ -386,6 +402,7 @@ class _WorkerStream:
                 "differs from the uninterrupted run's",
                 self.spec.rank, self.worker, len(self.buffer), len(places),
             )
+        return {place: found[place] for place in held if place in found}
 
 
 def _collect(
@@ -453,17 +470,17 @@ class _ShardStream(IterableDataset):
     ) -> Iterator[dict[str, Any]]:
         skips = _Skips()
         stream = _WorkerStream(self.spec, seed, worker, num_workers, skips)
+        if self.spec.buckets is not None:
+            yield from self._bucket_batches(stream, skips, start)
+            return
         if start is not None:
             stream.restore(start)
         batch: list[dict[str, Any]] = []
         for raw in stream.samples():
-            try:
-                batch.append(self._decode(raw, stream.augment_rng()))
-            except _SkipSample as skip:
-                key, url = str(raw.get("__key__")), str(raw.get("__url__"))
-                skips.add(skip.reason, url, key, skip.detail)
-                _warn(f"skipping sample {key} in {url}: {skip.reason} {skip.detail}", skip.reason)
+            sample = self._decode_or_skip(raw, stream.augment_rng(), skips)
+            if sample is None:
                 continue
+            batch.append(sample)
             if len(batch) == self.spec.batch_size:
                 yield {**self._collate(batch, skips), _STATE: stream.state()}
                 batch = []
@@ -472,8 +489,66 @@ class _ShardStream(IterableDataset):
         if skips.counts:
             yield {**skips.take(), _STATE: stream.state()}
 
+    def _decode_or_skip(self, raw: dict[str, Any], rng: random.Random, skips: _Skips) -> dict[str, Any] | None:
+        try:
+            return self._decode(raw, rng)
+        except _SkipSample as skip:
+            key, url = str(raw.get("__key__")), str(raw.get("__url__"))
+            skips.add(skip.reason, url, key, skip.detail)
+            _warn(f"skipping sample {key} in {url}: {skip.reason} {skip.detail}", skip.reason)
+            return None
+
+    def _bucket_batches(
+        self, stream: _WorkerStream, skips: _Skips, start: dict[str, Any] | None
+    ) -> Iterator[dict[str, Any]]:
+        """One-bucket batches through a BucketQueue: a bucket's batch when it holds `batch_size` samples, the
+        fullest bucket's as a short batch when the queue is full, what is left (fullest first) at the pass's
+        end. Each item's state describes the queue too: each held sample's bucket, arrival, place and `taken`
+        number, so a restored worker reads the held samples again and decodes them with the same draws."""
+        queue: BucketQueue[dict[str, Any]] = BucketQueue(self.spec.batch_size, self.spec.bucket_buffer)
+
+        def state() -> dict[str, Any]:
+            return {**stream.state(), "buckets": _queue_state(queue)}
+
+        def out(ready: tuple[Any, list[dict[str, Any]]] | None) -> Iterator[dict[str, Any]]:
+            if ready is not None:
+                yield {**self._collate(ready[1], skips), _STATE: state()}
+
+        if start is not None:
+            saved = start.get("buckets") or {"arrivals": 0, "held": torch.zeros(0, 6, dtype=torch.int64), "urls": {}}
+            held = [tuple(int(v) for v in row) for row in saved["held"].tolist()]
+            found = stream.restore(start, [(s, m) for _, _, _, s, m, _ in held], saved["urls"])
+            kept, items = [], []
+            for width, height, order, shard, member, taken in held:
+                raw = found.get((shard, member))
+                sample = None if raw is None else self._decode_or_skip(raw, stream.augment_rng(taken), _Skips())
+                if sample is not None:
+                    sample.pop("bucket")
+                    tag = (shard, member, taken, saved["urls"][shard])
+                    kept.append(((width, height), order, tag))
+                    items.append(sample)
+            if len(kept) < len(held):
+                logger.warning(
+                    "resuming the data stream of rank %d, worker %d: %d of %d samples held for bucketed batches "
+                    "found again; the shards changed since the checkpoint, so batches differ from the "
+                    "uninterrupted run's", self.spec.rank, stream.worker, len(kept), len(held),
+                )
+            queue.restore({"arrivals": saved["arrivals"], "held": kept}, items)
+            yield from out(queue.overflow())  # a short batch the saved queue still owed
+        for raw in stream.samples():
+            sample = self._decode_or_skip(raw, stream.augment_rng(), skips)
+            if sample is None:
+                continue
+            tag = (*raw["__place__"], stream.taken, str(raw["__url__"]))
+            yield from out(queue.put(sample.pop("bucket"), sample, tag))
+            yield from out(queue.overflow())
+        for ready in queue.drain():
+            yield from out(ready)
+        if skips.counts:
+            yield {**skips.take(), _STATE: state()}
+
     def _collate(self, samples: list[dict[str, Any]], skips: _Skips) -> dict[str, Any]:
-        batch = _collate(samples, skips)
+        batch = _collate(samples, skips, bucketed=self.spec.buckets is not None)
         if self.spec.tokenizer is not None:  # here, in the worker: the training process only copies the ids
             batch["input_ids"] = self.spec.tokenizer(batch["caption"])
         return batch
@@ -489,8 +564,9 @@ class _ShardStream(IterableDataset):
         # everything is decoded and checked before the random draw (each sample has draws of its own)
         cond = _cond_image(raw, spec.cond_image_key) if spec.cond_image_key else None
         seg = _seg_map(raw, spec.seg_key, spec.num_classes) if spec.seg_key else None
-        plan = plan_crop(rgb.size, spec.resolution, spec.random_crop, spec.random_flip, rng)
-        sample = {"image": to_tensor(apply_crop(rgb, plan)), "caption": caption, "key": raw["__key__"]}
+        target = (spec.resolution, spec.resolution) if spec.buckets is None else nearest_bucket(rgb.size, spec.buckets)
+        plan = plan_cover_crop(rgb.size, target, spec.random_crop, spec.random_flip, rng)
+        sample = {"image": to_tensor(apply_crop(rgb, plan)), "caption": caption, "key": raw["__key__"], "bucket": target}
         if cond is not None:
             sample["cond_image"] = to_tensor(apply_crop(cond, plan))
         if seg is not None:
@@ -501,7 +577,9 @@ class _ShardStream(IterableDataset):
     def _cached(self, raw: dict[str, Any], caption: str) -> dict[str, Any]:
         spec = self.spec
         moments = _moments(raw, MOMENTS_KEY, "latents", "not a shard of ldm-cache-latents")
-        sample = {"moments": moments, "caption": caption, "key": raw["__key__"]}
+        # (width, height) of the latent: bucketed caches (ldm-cache-latents --buckets) hold several
+        sample = {"moments": moments, "caption": caption, "key": raw["__key__"],
+                  "bucket": (moments.shape[2], moments.shape[1])}
         if spec.cond_image_key:
             what = "cached conditioning latents"
             cond = _moments(raw, COND_MOMENTS_KEY, what, "cached without --cond-image-key")
@@ -511,7 +589,11 @@ class _ShardStream(IterableDataset):
             sample["cond_moments"] = cond
         if spec.seg_key:
             labels = _seg_map(raw, spec.seg_key, spec.num_classes)
-            if labels.size != (spec.resolution, spec.resolution):
+            if spec.buckets is not None:  # the map was cropped to its latent's bucket: the same aspect
+                if labels.size[0] * moments.shape[1] != labels.size[1] * moments.shape[2]:
+                    size = f"({labels.size[0]}x{labels.size[1]}, latents {moments.shape[2]}x{moments.shape[1]})"
+                    raise _SkipSample("segmentation map of another shape than its latents", size)
+            elif labels.size != (spec.resolution, spec.resolution):
                 # cropped when caching: another size means shards cached at another resolution
                 size = f"({labels.size[0]}x{labels.size[1]}, resolution {spec.resolution})"
                 raise _SkipSample("segmentation map of another size", size)
@@ -583,14 +665,31 @@ def _moments(raw: dict[str, Any], key: str, what: str, why_missing: str) -> torc
     return torch.from_numpy(array.astype(np.float32, copy=False))
 
 
-def _collate(samples: list[dict[str, Any]], skips: _Skips) -> dict[str, Any]:
+def _collate(samples: list[dict[str, Any]], skips: _Skips, bucketed: bool = False) -> dict[str, Any]:
     tensors = [k for k in ("moments", "cond_moments", "image", "cond_image", "seg") if k in samples[0]]
+    if "moments" in samples[0] and not bucketed:
+        shapes = sorted({tuple(s["moments"].shape) for s in samples})
+        if len(shapes) > 1:
+            raise ValueError(
+                f"cached latents of several shapes {shapes} (shards written by ldm-cache-latents --buckets): "
+                "train on them with data.buckets=true"
+            )
     return {
         **{k: torch.stack([s[k] for s in samples]) for k in tensors},
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         **skips.take(),
     }
+
+
+def _queue_state(queue: BucketQueue[Any]) -> dict[str, Any]:
+    """A BucketQueue's `state()`, small: one int64 row (bucket width, height, arrival, shard, sample number,
+    taken) per held sample, 48 bytes, and the urls of their shards; no image."""
+    state = queue.state()
+    rows = [(*bucket, order, shard, member, taken) for bucket, order, (shard, member, taken, _) in state["held"]]
+    urls = {shard: url for _, _, (shard, _, _, url) in state["held"]}
+    held = torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
+    return {"arrivals": state["arrivals"], "held": held, "urls": urls}
 
 
 def _fold_skips(
@@ -858,6 +957,22 @@ def _check_conditioning(cond_image_key: str | None, seg_key: str | None, num_cla
         )
 
 
+def _check_buckets(resolution: int, step: int, max_ratio: float, buffer: int | None) -> list[Bucket]:
+    """The buckets of data.buckets=true, or a one-line ValueError naming the setting to fix."""
+    if step <= 0 or step % 8:
+        raise ValueError(f"data.bucket_step={step} must be a positive multiple of 8 (the VAE downsamples 8x), e.g. 64")
+    if resolution % step:
+        raise ValueError(
+            f"data.resolution={resolution} is not a multiple of data.bucket_step={step}: buckets are multiples of "
+            f"the step around resolution², so set data.bucket_step to a divisor of it (e.g. {math.gcd(resolution, 64)})"
+        )
+    if max_ratio < 1:
+        raise ValueError(f"data.bucket_max_ratio={max_ratio} must be >= 1 (the long side over the short side), e.g. 2.0")
+    if buffer is not None and buffer < 1:
+        raise ValueError(f"data.bucket_buffer={buffer} must be a positive number of pictures, or null (one batch per bucket)")
+    return bucket_sizes(resolution, step, max_ratio)
+
+
 class WebDataModule(lightning.LightningDataModule):
     """Training (and optional validation) batches from WebDataset shards; see the module docstring."""
 
@@ -880,6 +995,10 @@ class WebDataModule(lightning.LightningDataModule):
         cond_image_key: str | None = None,
         seg_key: str | None = None,
         num_classes: int | None = None,
+        buckets: bool = False,
+        bucket_step: int = 64,
+        bucket_max_ratio: float = 2.0,
+        bucket_buffer: int | None = None,
     ) -> None:
         super().__init__()
         if resolution <= 0 or resolution % 8:
@@ -896,6 +1015,16 @@ class WebDataModule(lightning.LightningDataModule):
         if resampled and epoch_length is None:
             raise ValueError("resampled=True streams forever: set epoch_length (batches per epoch per rank)")
         _check_conditioning(cond_image_key, seg_key, num_classes)
+        # cached latents were cropped to their buckets when cached: batches group by the latents' shape
+        self.bucket_list: list[Bucket] | None = None
+        if buckets:
+            self.bucket_list = [] if latents else _check_buckets(resolution, bucket_step, bucket_max_ratio, bucket_buffer)
+        self.buckets, self.bucket_step, self.bucket_max_ratio = bool(buckets), bucket_step, bucket_max_ratio
+        # None: one batch per bucket, which never forces a short batch (a bucket's batch goes out as soon as it
+        # holds batch_size pictures, so a worker holds at most batch_size - 1 per bucket); unbounded for latents
+        if bucket_buffer is None and self.bucket_list:
+            bucket_buffer = batch_size * len(self.bucket_list)
+        self.bucket_buffer = bucket_buffer
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers, self.resolution = batch_size, num_workers, resolution
         self.random_crop, self.random_flip = random_crop, random_flip
@@ -958,6 +1087,8 @@ class WebDataModule(lightning.LightningDataModule):
             cond_image_key=self.cond_image_key,
             seg_key=self.seg_key,
             num_classes=self.num_classes,
+            buckets=None if self.bucket_list is None else tuple(self.bucket_list),
+            bucket_buffer=self.bucket_buffer,
             tokenizer=self.tokenizer,
         )
 
@@ -1020,7 +1151,7 @@ class WebDataModule(lightning.LightningDataModule):
         """What a saved stream position is only valid for."""
         _, world_size = self._rank_and_world_size()
         urls = "\n".join(self._train_urls or [])
-        return {
+        settings: dict[str, Any] = {
             "shards": hashlib.sha256(urls.encode()).hexdigest()[:16],
             "num_shards": len(self._train_urls or []),
             "world_size": world_size,
@@ -1031,6 +1162,9 @@ class WebDataModule(lightning.LightningDataModule):
             "epoch_length": self.epoch_length,
             "seed": self.seed,
         }
+        if self.buckets:  # only then: a checkpoint from before buckets existed still resumes without them
+            settings["buckets"] = [self.bucket_step, self.bucket_max_ratio, self.bucket_buffer]
+        return settings
 
     def _saved_position(self) -> dict[str, Any] | None:
         """This rank's position from the checkpoint being resumed, if the stream it came from is this one."""
