@@ -169,7 +169,8 @@ def cache_latents(
         bucket_list = tuple(_check_buckets(resolution, bucket_step, bucket_max_ratio, None)) if buckets else None
     except ValueError as err:  # in this tool's words: its flags, not data.* settings
         raise ValueError(str(err).replace("data.bucket_", "--bucket-").replace("data.resolution", "--resolution")
-                         .replace("_", "-")) from None lower-cases extensions, as WebDataModule does with these keys
+                         .replace("_", "-")) from None
+    # webdataset lower-cases extensions, as WebDataModule does with these keys
     cond_image_key = cond_image_key.lower() if cond_image_key else None
     seg_key = seg_key.lower() if seg_key else None
     urls = expand_shard_specs(src)
