@@ -106,8 +106,8 @@ class BucketQueue(Generic[T]):
 
     def overflow(self) -> tuple[Hashable, list[T]] | None:
         """`push`'s second half: the fullest bucket as a short batch when more than `capacity` items are held.
-        A stream that saves `state()` between the two halves (after handing out `put`'s batch) calls this
-        first thing after `restore`, so the short batch the saved queue owed still comes next."""
+        Never after a `put` that gave a batch (that took `batch_size` items out), so a stream that saves
+        `state()` after each batch it hands out never saves a queue that owes one."""
         return self._take_fullest() if len(self) > self.capacity else None
 
     def drain(self) -> Iterator[tuple[Hashable, list[T]]]:

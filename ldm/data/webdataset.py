@@ -534,7 +534,6 @@ class _ShardStream(IterableDataset):
                     "uninterrupted run's", self.spec.rank, stream.worker, len(kept), len(held),
                 )
             queue.restore({"arrivals": saved["arrivals"], "held": kept}, items)
-            yield from out(queue.overflow())  # a short batch the saved queue still owed
         for raw in stream.samples():
             sample = self._decode_or_skip(raw, stream.augment_rng(), skips)
             if sample is None:
