@@ -20,6 +20,14 @@ With `latents=True` the conditioning was cropped and encoded when caching: `cond
 adds `cond_moments` Bx2Cxhxw, the before picture's posterior, from `cond_moments.npy`; `seg_key` reads
 the map as above, already cropped to `resolution`.
 
+Aspect-ratio buckets (`buckets=True`, with `bucket_step`, `bucket_max_ratio`; see ldm.data.buckets): each picture
+is cover-resized and cropped (centre, or at random with `random_crop`) to the bucket of nearest aspect ratio, its
+`cond_image`/`seg` with the same plan, and each worker's `BucketQueue` (capacity `bucket_buffer`, by default
+batch_size x buckets, which never forces a short batch) makes batches of one bucket: short ones when the queue is
+full (its fullest bucket) and at the end of a pass (what is left). Buckets are per worker and per rank; with
+`epoch_length` every rank still yields exactly that many batches. With `latents=True` batches group by the cached
+latents' shape (`ldm-cache-latents --buckets`); without buckets, latents of several shapes stop with one line.
+
 Shard specs: a brace pattern, a glob, a local path or folder of `.tar` files, a URL webdataset
 can open (`https://...`, `pipe:curl -s ...`), or a list of these. Local files are checked at
 `setup()`, so a typo fails before training starts.
@@ -60,7 +68,9 @@ again the shards holding samples of its shuffle buffer (up to the last one it ne
 to where it was, without decoding any of them, so a resume reads the bytes of a few shards per worker
 (those the last ~shuffle_buffer·ln(shuffle_buffer) samples came from, at worst); the DataLoader starts at the
 worker whose turn it was. The resumed run then reads the samples the uninterrupted run reads, in its order,
-with the same crops, flips and skip counts. Checkpoints grow by about 16 bytes per buffered sample per worker
+with the same crops, flips and skip counts. With buckets a worker's position also lists the samples its
+BucketQueue holds (bucket, arrival, place, `taken` number: 48 bytes each, no pixels), read again with the
+shuffle buffer's and decoded with the same draws. Checkpoints grow by about 16 bytes per buffered sample per worker
 per rank. The saved position is used only with the same shards, ranks, workers, batch size, shuffle buffer,
 `resampled`, `epoch_length` and seed; otherwise a warning says so and the resumed epoch reads a new order.
 """
