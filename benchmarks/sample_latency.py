@@ -2,12 +2,15 @@
 
     python benchmarks/sample_latency.py                                   # GPU: SD1.5, 512 px, 50 steps, fp16
     python benchmarks/sample_latency.py --model tiny --size 32 --steps 10 --device cpu --dtype fp32   # CPU check
+    python benchmarks/sample_latency.py --compile                         # GPU: eager and torch.compile rows
 
 Both sides load the same diffusers folder (random SD1.5-architecture weights written once to a temporary
 folder), use DDIM with SD1.5's scheduler config, guidance 7.5 with an empty negative prompt, batch 1 and the
 same seed. Prints seconds per image and UNet iterations per second (2 UNet evaluations per step under CFG
 count as one iteration, as diffusers' progress bar counts them), plus the largest pixel difference
-between the two images as a sanity check.
+between the two images as a sanity check. `--compile` adds a row for each side with its UNet under
+torch.compile (`--compile-mode`, default `max-autotune-no-cudagraphs`); the compile happens in the untimed
+warm-up run, so the rows are steady-state latency.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--compile", action="store_true", help="also time both UNets under torch.compile")
+    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     args = parser.parse_args()
     import diffusers
 
@@ -79,7 +84,8 @@ def main() -> None:
             images = generate(ours, [PROMPT], "", settings, height=args.size, width=args.size, generator=gen)
             return to_uint8(images)[0]
 
-        ours_s, ours_image = time_runs(run_ours, args.repeats, device)
+        rows = {}
+        rows["ldm (ours)"], ours_image = time_runs(run_ours, args.repeats, device)
 
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, dtype=dtype)
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
@@ -92,14 +98,23 @@ def main() -> None:
                        height=args.size, width=args.size, output_type="np")
             return (out.images[0] * 255).round().astype("uint8")
 
-        theirs_s, theirs_image = time_runs(run_diffusers, args.repeats, device)
+        rows["diffusers"], theirs_image = time_runs(run_diffusers, args.repeats, device)
+        if args.compile:
+            ours.unet.compile(mode=args.compile_mode)  # in place: the weights' names stay as they are
+            rows["ldm compiled"], _ = time_runs(run_ours, args.repeats, device)
+            pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode)
+            rows["diffusers compiled"], _ = time_runs(run_diffusers, args.repeats, device)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n{args.model}, {args.size}x{args.size}, {args.steps} DDIM steps, CFG 7.5, batch 1, {args.dtype}, {name}")
-    print(f"{'implementation':<16}{'s/image':>10}{'it/s':>10}")
-    for label, seconds in (("ldm (ours)", ours_s), ("diffusers", theirs_s)):
-        print(f"{label:<16}{seconds:>10.3f}{args.steps / seconds:>10.2f}")
-    print(f"speed-up: {theirs_s / ours_s:.2f}x   max pixel difference: "
+    print(f"{'implementation':<20}{'s/image':>10}{'it/s':>10}")
+    for label, seconds in rows.items():
+        print(f"{label:<20}{seconds:>10.3f}{args.steps / seconds:>10.2f}")
+    print(f"speed-up eager: {rows['diffusers'] / rows['ldm (ours)']:.2f}x", end="")
+    if args.compile:
+        print(f"   ours compiled vs diffusers compiled: {rows['diffusers compiled'] / rows['ldm compiled']:.2f}x"
+              f" (target 1.5x)", end="")
+    print(f"   max pixel difference (eager): "
           f"{np.abs(ours_image.astype(int) - theirs_image.astype(int)).max()}/255")
 
 
