@@ -72,7 +72,10 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 def one_pass(dm: WebDataModule) -> list[dict[str, Any]]:
     dm.setup("fit")
-    return list(dm.train_dataloader())
+    try:
+        return list(dm.train_dataloader())
+    finally:
+        dm.teardown("fit")  # the persistent workers go now, not when the process ends
 
 
 def shape_of(batch: dict[str, Any]) -> tuple[int, int]:
@@ -138,6 +141,7 @@ def test_a_pass_cut_mid_way_goes_on_exactly_with_two_workers(shards: list[str], 
         next(stream)
         state = before.state_dict()
         stream.close()
+        before.teardown("fit")
         (position,) = state["streams"]["positions"]
         held_at_cuts.append(sum(len(w["buckets"]["held"]) for w in position["workers"].values()))
         # small: places and numbers only, no pixels (a few hundred bytes a worker)
