@@ -75,9 +75,10 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def class_folder(cache_root: Path, key: dict[str, Any]) -> Path:
-    """`cache_root/<prompt slug>-<16 hex digits of the key's sha256>`."""
+    """`cache_root/<prompt slug>-<16 hex digits of the key's sha256>` (a list of prompts: the first one's slug)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_root) / f"{_slug(key['class_prompt'])}-{digest}"
+    prompt = key["class_prompt"]
+    return Path(cache_root) / f"{_slug(prompt if isinstance(prompt, str) else prompt[0])}-{digest}"
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -92,9 +93,19 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def class_prompt_list(class_prompt: str | Sequence[str]) -> list[str]:
+    """The class prompts: one prompt, or a list of them (class image i is of prompt i mod their number:
+    captioned regularisation pictures, as kohya's sd-scripts take them); each non-empty text."""
+    prompts = [class_prompt] if isinstance(class_prompt, str) else list(class_prompt or [])
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise UsageError("class_prompt is empty: give the class the subject belongs to, e.g. 'a photo of a dog' (or "
+                         "a list of such prompts)")
+    return prompts
+
+
 def class_images(
     model_or_ckpt: StableDiffusion | str | Path,
-    class_prompt: str,
+    class_prompt: str | Sequence[str],
     num_images: int,
     cache_root: str | Path,
     *,
@@ -115,11 +126,12 @@ def class_images(
     """The `num_images` class images of `class_prompt` from the base model (a StableDiffusion module, or a
     checkpoint file/diffusers folder that is loaded only when an image is missing), made or found in their
     cache folder under `cache_root`; image i from seed `seed + i`. Returns the PNG paths in order; each has its
-    caption (the class prompt) in the `.txt` beside it (see `class_captions`)."""
+    caption (the class prompt) in the `.txt` beside it (see `class_captions`). A list of class prompts makes
+    image i of prompt i mod their number."""
     from ldm.sampling import SamplerSettings
 
-    if not isinstance(class_prompt, str) or not class_prompt.strip():
-        raise UsageError("class_prompt is empty: give the class the subject belongs to, e.g. 'a photo of a dog'")
+    prompts = class_prompt_list(class_prompt)
+    class_prompt = prompts[0] if len(prompts) == 1 else prompts  # one prompt: its cache key as before lists
     if int(num_images) < 1:
         raise UsageError(f"num_images must be at least 1 (DreamBooth uses 100-200 class images), got {num_images}")
     if int(batch_size) < 1:
@@ -149,9 +161,12 @@ def class_images(
     folder = class_folder(Path(cache_root), key)
     paths = [folder / f"{i:05d}.png" for i in range(num_images)]
 
+    def prompt_of(i: int) -> str:
+        return prompts[i % len(prompts)]
+
     def meta(i: int) -> dict[str, Any]:  # sample.py's settings, so `sample.py from_png=` remakes the image
         return {
-            "prompt": class_prompt, "negative_prompt": negative_prompt, "seed": seed + i,
+            "prompt": prompt_of(i), "negative_prompt": negative_prompt, "seed": seed + i,
             "ckpt": str(Path(model_or_ckpt).resolve()) if is_path else "base-model",
             "model_hash": key["weights_sha256"][:10], "sampler": key["sampler"], "steps": settings.steps,
             "guidance_scale": settings.guidance_scale, "height": resolution, "width": resolution,
@@ -162,19 +177,19 @@ def class_images(
     missing = []
     for i, path in enumerate(paths):
         saved = _settings_of_png(path) if path.exists() else None  # None: absent, truncated or unreadable
-        if saved is None or saved.get("seed") != seed + i or saved.get("prompt") != class_prompt:
+        if saved is None or saved.get("seed") != seed + i or saved.get("prompt") != prompt_of(i):
             missing.append(i)
     if missing:
-        _generate(model_or_ckpt, folder, paths, missing, meta, settings, key, batch_size, device, dtype)
+        _generate(model_or_ckpt, folder, paths, missing, meta, settings, key, batch_size, device, dtype, prompt_of)
     else:
         log.info("all %d class images of %r are in %s already", num_images, class_prompt, folder)
-    for path in paths:
+    for i, path in enumerate(paths):
         caption = path.with_suffix(".txt")
-        if not caption.is_file() or caption.read_text(encoding="utf-8") != class_prompt:
-            _write_text(caption, class_prompt)
+        if not caption.is_file() or caption.read_text(encoding="utf-8") != prompt_of(i):
+            _write_text(caption, prompt_of(i))
     manifest = _read_manifest(folder)
     count = max(num_images, int(manifest.get("num_images") or 0)) if manifest.get("key") == key else num_images
-    _write_manifest(folder, key, count, class_prompt)
+    _write_manifest(folder, key, count, prompt_of)
     return paths
 
 
@@ -186,10 +201,10 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _write_manifest(folder: Path, key: dict[str, Any], count: int, class_prompt: str) -> None:
+def _write_manifest(folder: Path, key: dict[str, Any], count: int, prompt_of: Any) -> None:
     """The settings, and every image made so far (a later call may have asked for more than this one)."""
     images = [
-        {"file": f"{i:05d}.png", "caption": class_prompt, "seed": key["seed"] + i}
+        {"file": f"{i:05d}.png", "caption": prompt_of(i), "seed": key["seed"] + i}
         for i in range(count) if (folder / f"{i:05d}.png").is_file()
     ]
     _write_json(folder / MANIFEST, {"key": key, "num_images": count, "images": images})
@@ -197,7 +212,7 @@ def _write_manifest(folder: Path, key: dict[str, Any], count: int, class_prompt:
 
 def _generate(
     model_or_ckpt: Any, folder: Path, paths: Sequence[Path], missing: Sequence[int], meta: Any, settings: Any,
-    key: dict[str, Any], batch_size: int, device: str, dtype: str,
+    key: dict[str, Any], batch_size: int, device: str, dtype: str, prompt_of: Any,
 ) -> None:
     """ldm-eval's generate_set, for one prompt and a model object or file: whole batches at fixed starts,
     only the missing images written."""
@@ -223,7 +238,7 @@ def _generate(
                          "autoencoder's downsampling): give e.g. "
                          f"{max(1, round(resolution / model.downsampling_factor)) * model.downsampling_factor}")
     folder.mkdir(parents=True, exist_ok=True)
-    _write_manifest(folder, key, len(paths), key["class_prompt"])
+    _write_manifest(folder, key, len(paths), prompt_of)
     wanted = set(missing)
     log.info("making %d of %d class images of %r in %s", len(wanted), len(paths), key["class_prompt"], folder)
     was_training = model.training
@@ -233,7 +248,7 @@ def _generate(
             indices = list(range(chunk * batch_size, min((chunk + 1) * batch_size, len(paths))))
             generator, noise = batch_noise(model, indices, key["seed"], resolution, resolution)
             with torch.no_grad():
-                images = sampling.generate(model, [key["class_prompt"]] * len(indices), key["negative_prompt"],
+                images = sampling.generate(model, [prompt_of(i) for i in indices], key["negative_prompt"],
                                            settings, height=resolution, width=resolution, generator=generator,
                                            noise=noise)
             for i, array in zip(indices, sampling.to_uint8(images), strict=True):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +191,7 @@ class DreamBoothDataModule(lightning.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
-        class_prompt: str | None = None,
+        class_prompt: str | Sequence[str] | None = None,
         num_class_images: int = 100,
         class_cache: str = "outputs/class_images",
         class_steps: int = 50,
@@ -225,7 +225,12 @@ class DreamBoothDataModule(lightning.LightningDataModule):
         if instance_prompt is None and uncaptioned:
             raise UsageError(f"{len(uncaptioned)} picture(s) in data.instance_dir have no caption ({uncaptioned[0]} has no "
                              f"{Path(uncaptioned[0]).stem}.txt): set data.instance_prompt, e.g. 'a photo of sks dog'")
-        if class_prompt is not None and not str(class_prompt).strip():
+        if class_prompt is not None and not isinstance(class_prompt, str):
+            # a list of class prompts: class picture i is of prompt i mod their number (ldm.dreambooth)
+            class_prompt = [str(p) for p in class_prompt] or None
+            if class_prompt is not None and not all(p.strip() for p in class_prompt):
+                raise UsageError("data.class_prompt holds an empty prompt: give each class prompt its text")
+        elif class_prompt is not None and not str(class_prompt).strip():
             class_prompt = None
         if class_prompt is not None and int(num_class_images) < 1:
             raise UsageError(f"data.num_class_images must be at least 1 (DreamBooth uses 100-200), got {num_class_images}")
@@ -333,7 +338,8 @@ class DreamBoothDataModule(lightning.LightningDataModule):
         tokenizer = getattr(getattr(module, "cond_stage_model", None), "tokenizer", None)
         if tokenizer is None or self.instance_prompt is None:
             return
-        for word in trigger_words(self.instance_prompt, self.class_prompt):
+        class_text = self.class_prompt if not isinstance(self.class_prompt, list) else " ".join(self.class_prompt)
+        for word in trigger_words(self.instance_prompt, class_text):
             count = token_count(tokenizer, word)
             if count is not None and count >= MANY_TOKENS:
                 logger.warning("the trigger word %r of data.instance_prompt splits into %d tokens: a rare word the "
@@ -361,7 +367,9 @@ class DreamBoothDataModule(lightning.LightningDataModule):
                               self.random_flip)
         classes = None
         if self.class_paths is not None:
-            classes = _Pictures(list(self.class_paths), [self.class_prompt] * len(self.class_paths), self.seed, _CLASS,
+            from ldm.dreambooth import class_captions
+
+            classes = _Pictures(list(self.class_paths), class_captions(self.class_paths), self.seed, _CLASS,
                                 self.resolution, random_crop, self.random_flip)
         rank, world_size = self._rank_and_world_size()
         return _Batches(instances, classes, self.batch_size, rank, world_size, self.tokenizer)

@@ -45,6 +45,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ldm.data.dreambooth import DreamBoothDataModule
 from ldm.data.make_shards import ShardSink
 from ldm.data.webdataset import WebDataModule
 
@@ -296,6 +297,7 @@ def _manifest_for(
     colours: Sequence[str] | None = None,
     shapes: Sequence[str] | None = None,
     shuffle_captions: bool = False,
+    striped_share: float = 0.0,
 ) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "num_samples": num_samples,
@@ -311,7 +313,27 @@ def _manifest_for(
         manifest["shapes"] = vocabulary(colours, shapes)[1]
     if shuffle_captions:
         manifest["shuffle_captions"] = True
+    if striped_share:
+        manifest["striped_share"] = float(striped_share)
     return manifest
+
+
+def _check_striped_share(striped_share: float, variant: str) -> None:
+    if not 0.0 <= float(striped_share) <= 1.0:
+        raise ValueError(f"striped_share is a share of the pictures, in [0, 1], got {striped_share}")
+    if striped_share and variant != "caption":
+        raise ValueError(f"striped_share applies to the caption variant's pictures, not to variant={variant!r}")
+
+
+def _striped_entries(entries: Any, seed: int, striped_share: float) -> Any:
+    """`entries` with a share of their pictures in stripes (`stripe`; captions unchanged), picked by a
+    generator of their own, so the scenes are those of the set without stripes."""
+    picks = np.random.default_rng([seed, 0x57121BE5])
+    for entry in entries:
+        if picks.random() < striped_share:
+            image = np.asarray(Image.open(BytesIO(entry["png"])).convert("RGB"))
+            entry = {**entry, "png": _png_bytes(stripe(image))}
+        yield entry
 
 
 def _check_variant(variant: str) -> None:
@@ -354,18 +376,23 @@ def write_shapes_shards(
     colours: Sequence[str] | None = None,
     shapes: Sequence[str] | None = None,
     shuffle_captions: bool = False,
+    striped_share: float = 0.0,
 ) -> list[str]:
     """Write `shapes-NNNNNN.tar` shards of random samples, then a manifest marking them complete.
 
     Old shapes shards in `out_dir` are removed first, so a glob never mixes two generations.
     `colours`/`shapes` draw from a smaller vocabulary; `shuffle_captions` (an ablation control) writes
     the same images with their captions permuted across the set (all samples are held in memory for
-    it: demo-sized sets only).
+    it: demo-sized sets only). `striped_share` draws that share of the pictures in stripes (the style demo's
+    `stripe`, captions unchanged): stage one of the style demo (experiment=autoencoder_style_demo) learns to
+    encode them, as a real autoencoder is trained on far more kinds of pictures than its fine-tunes draw.
     """
     if num_samples < 1 or resolution < 8:
         raise ValueError(f"need num_samples >= 1 and resolution >= 8, got {num_samples} and {resolution}")
     _check_variant(variant)
-    manifest = _manifest_for(num_samples, samples_per_shard, resolution, seed, variant, colours, shapes, shuffle_captions)
+    _check_striped_share(striped_share, variant)
+    manifest = _manifest_for(num_samples, samples_per_shard, resolution, seed, variant, colours, shapes, shuffle_captions,
+                             striped_share)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
@@ -375,6 +402,8 @@ def write_shapes_shards(
     samples = (random_entries(rng, resolution, variant, colours, shapes) for _ in range(num_samples))
     if shuffle_captions:
         samples = iter(_shuffled_captions(list(samples), seed))
+    if striped_share:
+        samples = _striped_entries(samples, seed, striped_share)
     with ShardSink(out_dir, SHARD_PREFIX, samples_per_shard) as sink:
         for index, entries in enumerate(samples):
             sink.write({"__key__": f"{index:09d}", **entries})
@@ -411,15 +440,18 @@ def ensure_demo_shards(
     colours: Sequence[str] | None = None,
     shapes: Sequence[str] | None = None,
     shuffle_captions: bool = False,
+    striped_share: float = 0.0,
 ) -> list[str]:
     """Shard paths of the demo set in `out_dir`, generated only if absent, partial or made differently."""
     _check_variant(variant)
-    expected = _manifest_for(num_samples, samples_per_shard, resolution, seed, variant, colours, shapes, shuffle_captions)
+    expected = _manifest_for(num_samples, samples_per_shard, resolution, seed, variant, colours, shapes, shuffle_captions,
+                             striped_share)
     existing = _complete_shards(Path(out_dir), expected)
     if existing is not None:
         return existing
     return write_shapes_shards(
-        out_dir, num_samples, samples_per_shard, resolution, seed, variant, colours, shapes, shuffle_captions
+        out_dir, num_samples, samples_per_shard, resolution, seed, variant, colours, shapes, shuffle_captions,
+        striped_share,
     )
 
 
@@ -694,15 +726,19 @@ class ShapesDataModule(WebDataModule):
         colours: Sequence[str] | None = None,
         shapes: Sequence[str] | None = None,
         shuffle_captions: bool = False,
+        striped_share: float = 0.0,
         **kwargs: Any,
     ) -> None:
         _check_variant(variant)
+        _check_striped_share(striped_share, variant)
         colours = None if colours is None else vocabulary(colours, shapes)[0]
         shapes = None if shapes is None else vocabulary(colours, shapes)[1]
         # Each variant in its own folder: switching conditionings never rewrites another's shards.
         root = root if variant == "caption" else f"{root}/{variant}"
         if shuffle_captions:
             root = f"{root}/shuffled"
+        if striped_share:
+            root = f"{root}/striped"  # the style demo's stage one: never over the plain set
         clashes = {k: kwargs[k] for k, v in _VARIANT_KEYS[variant].items() if kwargs.get(k) not in (None, v)}
         if clashes:
             raise ValueError(f"variant={variant!r} sets {_VARIANT_KEYS[variant]}; got {clashes}")
@@ -719,10 +755,171 @@ class ShapesDataModule(WebDataModule):
         self.colours = colours
         self.shapes = shapes
         self.shuffle_captions = bool(shuffle_captions)
+        self.striped_share = float(striped_share)
 
     def prepare_data(self) -> None:
         # Lightning runs this once per node before setup(), so ranks never race on the files.
         ensure_demo_shards(
             self.root, self.num_samples, self.samples_per_shard, self.resolution, self.data_seed, self.variant,
-            self.colours, self.shapes, self.shuffle_captions,
+            self.colours, self.shapes, self.shuffle_captions, self.striped_share,
         )
+
+
+# ------------------------------------------------------------------ the striped style (the style demo)
+#
+# The style demo (experiment=style_demo) teaches the demo's model a style from a few pictures with DreamBooth:
+# the demo's shapes, the same colours, shapes and captions, drawn with horizontal stripes over the whole
+# picture (bands of STRIPE_PERIOD // 2 rows in the colour, then as many rows of it darkened), captioned with a
+# trigger ("a red circle on a blue background, ohwx style"). `stripe_energy` reads the style back from the
+# pixels: the share of an image's spectral energy (mean removed) at the stripes' frequency.
+
+STYLE_TRIGGER = "ohwx style"  # "ohwx" is one CLIP token (as "sks"), "style" another
+STRIPE_PERIOD = 8  # rows per stripe period (a bright band and a dark one); 2 latent pixels of the demo's f/4 autoencoder
+STRIPE_DEPTH = 0.5  # the dark bands keep this share of the colour
+STYLE_MANIFEST = "style.json"
+
+
+def style_caption(caption: str, trigger: str = STYLE_TRIGGER) -> str:
+    """'a red circle on a blue background' -> 'a red circle on a blue background, ohwx style' (the trigger at
+    the end, where `ldm-compare trigger_position=end` puts it)."""
+    return f"{caption}, {trigger}" if trigger else caption
+
+
+def stripe(image: np.ndarray, period: int = STRIPE_PERIOD, depth: float = STRIPE_DEPTH, phase: int = 0) -> np.ndarray:
+    """`image` (uint8 HxWx3) in horizontal stripes: on rows y with ((y + phase) // (period // 2)) odd, each
+    pixel keeps `depth` of its colour (darker), or, for dark pixels (mean level below 64: black), goes as far
+    towards white (lighter), so every palette colour shows its stripes."""
+    if period < 2 or period % 2:
+        raise ValueError(f"the stripe period is an even number of rows >= 2, got {period}")
+    rows = ((np.arange(image.shape[0]) + phase) // (period // 2)) % 2 == 1
+    out = image.astype(np.float32)
+    band = out[rows]
+    dark = band.mean(-1, keepdims=True) < 64
+    out[rows] = np.where(dark, 255 - (255 - band) * depth, band * depth)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def random_striped_sample(
+    rng: np.random.Generator,
+    resolution: int,
+    colours: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+    trigger: str = STYLE_TRIGGER,
+    period: int = STRIPE_PERIOD,
+) -> tuple[np.ndarray, str]:
+    """`random_sample`'s picture in stripes, and its caption with the trigger."""
+    image, caption = random_sample(rng, resolution, colours, shapes)
+    return stripe(image, period), style_caption(caption, trigger)
+
+
+def _style_manifest(num_images: int, resolution: int, seed: int, colours: Any, shapes: Any, trigger: str,
+                    period: int) -> dict[str, Any]:
+    names, kinds = vocabulary(colours, shapes)
+    return {"num_images": num_images, "resolution": resolution, "seed": seed, "colours": names, "shapes": kinds,
+            "trigger": trigger, "period": period, "depth": STRIPE_DEPTH}
+
+
+def write_style_instances(
+    out_dir: str | Path,
+    num_images: int = 24,
+    resolution: int = 32,
+    seed: int = 0,
+    colours: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+    trigger: str = STYLE_TRIGGER,
+    period: int = STRIPE_PERIOD,
+) -> list[Path]:
+    """A DreamBooth instance folder of the striped style: `NNNNN.png` (`random_striped_sample`) with its caption
+    in `NNNNN.txt`, then `style.json` marking the folder complete. Old pictures in the folder are removed."""
+    if num_images < 1 or resolution < 8:
+        raise ValueError(f"need num_images >= 1 and resolution >= 8, got {num_images} and {resolution}")
+    manifest = _style_manifest(num_images, resolution, seed, colours, shapes, trigger, period)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / STYLE_MANIFEST).unlink(missing_ok=True)
+    for old in [*out_dir.glob("*.png"), *out_dir.glob("*.txt")]:
+        old.unlink()
+    rng = np.random.default_rng([seed, 0x57121BE])
+    paths = []
+    for i in range(num_images):
+        image, caption = random_striped_sample(rng, resolution, colours, shapes, trigger, period)
+        path = out_dir / f"{i:05d}.png"
+        Image.fromarray(image).save(path)
+        path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+        paths.append(path)
+    tmp = out_dir / f"{STYLE_MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out_dir / STYLE_MANIFEST)
+    return paths
+
+
+def ensure_style_instances(out_dir: str | Path, num_images: int = 24, resolution: int = 32, seed: int = 0,
+                           colours: Sequence[str] | None = None, shapes: Sequence[str] | None = None,
+                           trigger: str = STYLE_TRIGGER, period: int = STRIPE_PERIOD) -> list[Path]:
+    """`write_style_instances`' pictures, written only if the folder lacks them or holds another set."""
+    out_dir = Path(out_dir)
+    expected = _style_manifest(num_images, resolution, seed, colours, shapes, trigger, period)
+    paths = [out_dir / f"{i:05d}.png" for i in range(num_images)]
+    try:
+        found = json.loads((out_dir / STYLE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        found = None
+    if found == expected and all(p.is_file() and p.with_suffix(".txt").is_file() for p in paths):
+        return paths
+    return write_style_instances(out_dir, num_images, resolution, seed, colours, shapes, trigger, period)
+
+
+def stripe_energy(image: np.ndarray, period: int = STRIPE_PERIOD) -> float:
+    """The share of a uint8 HxWx3 image's spectral energy that lies at the horizontal stripes of `period` rows:
+    of |FFT2|² of its colour channels (summed), each with its mean removed, the part at vertical frequency H / period (±1 bin,
+    both signs) and horizontal frequency 0 (±1 bin). 0 for a flat image; a plain shape puts a few percent
+    there (its edges spread energy over every frequency), striped pictures most of it."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got {image.shape}")
+    import torch
+
+    pixels = torch.from_numpy(image.astype(np.float64)).permute(2, 0, 1)  # 3xHxW
+    pixels = pixels - pixels.mean((1, 2), keepdim=True)
+    power = torch.fft.fft2(pixels).abs().square().sum(0)  # the three channels' energy together
+    total = float(power.sum())
+    h, w = power.shape
+    if total <= 1e-6 * h * w:
+        return 0.0
+    f = h / period
+    fy = torch.fft.fftfreq(h, d=1.0 / h).abs()[:, None]  # cycles per image height, each row of the spectrum
+    fx = torch.fft.fftfreq(w, d=1.0 / w).abs()[None, :]
+    band = ((fy - f).abs() <= 1.0) & (fx <= 1.0)
+    return float(power[band].sum()) / total
+
+
+def stripe_score(images: Sequence[np.ndarray] | np.ndarray, period: int = STRIPE_PERIOD) -> float:
+    """The mean `stripe_energy` of a set of images: about 0.05 on the demo's plain shapes, 0.6 on striped ones."""
+    if len(images) == 0:
+        raise ValueError("need at least one image")
+    return float(np.mean([stripe_energy(np.asarray(image), period) for image in images]))
+
+
+class StripedDreamBoothDataModule(DreamBoothDataModule):
+    """DreamBooth on the striped style (experiment=style_demo): writes `num_instances` striped pictures with
+    their trigger captions into `instance_dir` (`ensure_style_instances`: once; a folder of another set is
+    rewritten), then trains on them as `DreamBoothDataModule` does, with every option of it (class prompts for
+    prior preservation among them). Single-process (the demo's CPU runs): the folder is written on construction."""
+
+    def __init__(
+        self,
+        instance_dir: str,
+        num_instances: int = 24,
+        resolution: int = 24,
+        data_seed: int = 0,
+        colours: Sequence[str] | None = None,
+        shapes: Sequence[str] | None = None,
+        trigger: str = STYLE_TRIGGER,
+        period: int = STRIPE_PERIOD,
+        **kwargs: Any,
+    ) -> None:
+        colours = None if colours is None else list(colours)
+        shapes = None if shapes is None else list(shapes)
+        ensure_style_instances(instance_dir, int(num_instances), int(resolution), int(data_seed), colours, shapes,
+                               str(trigger), int(period))
+        super().__init__(instance_dir, resolution=resolution, **kwargs)
