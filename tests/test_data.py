@@ -67,8 +67,13 @@ def _good_sample(key: str, rng: np.random.Generator, resolution: int = RES) -> d
 
 
 def _read_all(dm: WebDataModule) -> list[dict]:
+    """One pass; the loader's workers closed after it (dropped unclosed, each costs 5 s at collection)."""
     dm.setup("fit")
-    return list(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    try:
+        return list(loader)
+    finally:
+        loader.close()
 
 
 def _keys(batches: list[dict]) -> list[str]:
@@ -417,6 +422,7 @@ def test_epoch_length_gives_exactly_that_many_batches(
     for _ in range(2):
         batches = list(loader)
         assert len(batches) == epoch_length and all(b["image"].shape == (4, 3, RES, RES) for b in batches)
+    loader.close()  # dropped unclosed, its persistent workers cost 5 s each at collection
 
 
 def test_validation_reads_every_shard_in_order_on_every_rank(
