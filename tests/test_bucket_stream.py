@@ -289,3 +289,18 @@ def test_settings_that_cannot_bucket_stop_with_one_line(shards: list[str], tmp_p
     shown = user_error(err.value)
     assert shown is not None and "\n" not in str(shown)
     assert str(shown).startswith("data.resolution=40 is not a multiple of data.bucket_step=16"), shown
+
+
+def test_ldm_cache_latents_names_its_own_flags_in_bucket_errors(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    from ldm.data.cache_latents import main as cache_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cache_main(["model.safetensors", "shards/", str(tmp_path / "out"), "--resolution", "64", "--buckets",
+                    "--bucket-step", "12"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--bucket-step=12 must be a positive multiple of 8" in err, err
+    assert "data." not in err, err
+    with pytest.raises(SystemExit):
+        cache_main(["model.safetensors", "shards/", str(tmp_path / "out"), "--resolution", "72", "--buckets",
+                    "--bucket-step", "16"])
+    assert "--resolution=72 is not a multiple of --bucket-step=16" in capsys.readouterr().err

@@ -165,11 +165,8 @@ def cache_latents(
     if num_classes is not None and seg_key is None:
         raise ValueError("--num-classes filters class maps: it needs --seg-key")
     _check_conditioning(cond_image_key, seg_key, num_classes)
-    try:
-        bucket_list = tuple(_check_buckets(resolution, bucket_step, bucket_max_ratio, None)) if buckets else None
-    except ValueError as err:  # in this tool's words: its flags, not data.* settings
-        raise ValueError(str(err).replace("data.bucket_", "--bucket-").replace("data.resolution", "--resolution")
-                         .replace("_", "-")) from None
+    flag = lambda setting: "--" + setting.replace("_", "-")  # noqa: E731 - errors in this tool's flags
+    bucket_list = tuple(_check_buckets(resolution, bucket_step, bucket_max_ratio, None, flag)) if buckets else None
     # webdataset lower-cases extensions, as WebDataModule does with these keys
     cond_image_key = cond_image_key.lower() if cond_image_key else None
     seg_key = seg_key.lower() if seg_key else None

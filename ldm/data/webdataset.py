@@ -966,19 +966,24 @@ def _check_conditioning(cond_image_key: str | None, seg_key: str | None, num_cla
         )
 
 
-def _check_buckets(resolution: int, step: int, max_ratio: float, buffer: int | None) -> list[Bucket]:
-    """The buckets of data.buckets=true, or a one-line ValueError naming the setting to fix."""
+def _check_buckets(
+    resolution: int, step: int, max_ratio: float, buffer: int | None,
+    name: Callable[[str], str] = lambda setting: f"data.{setting}",
+) -> list[Bucket]:
+    """The buckets of data.buckets=true, or a one-line ValueError naming the setting to fix (`name` spells
+    a setting as the caller's user sets it: `data.bucket_step` here, `--bucket-step` in ldm-cache-latents)."""
     if step <= 0 or step % 8:
-        raise ValueError(f"data.bucket_step={step} must be a positive multiple of 8 (the VAE downsamples 8x), e.g. 64")
+        raise ValueError(f"{name('bucket_step')}={step} must be a positive multiple of 8 (the VAE downsamples 8x), e.g. 64")
     if resolution % step:
         raise ValueError(
-            f"data.resolution={resolution} is not a multiple of data.bucket_step={step}: buckets are multiples of "
-            f"the step around resolution², so set data.bucket_step to a divisor of it (e.g. {math.gcd(resolution, 64)})"
+            f"{name('resolution')}={resolution} is not a multiple of {name('bucket_step')}={step}: buckets are "
+            f"multiples of the step around resolution², so set {name('bucket_step')} to a divisor of it "
+            f"(e.g. {math.gcd(resolution, 64)})"
         )
     if max_ratio < 1:
-        raise ValueError(f"data.bucket_max_ratio={max_ratio} must be >= 1 (the long side over the short side), e.g. 2.0")
+        raise ValueError(f"{name('bucket_max_ratio')}={max_ratio} must be >= 1 (the long side over the short side), e.g. 2.0")
     if buffer is not None and buffer < 1:
-        raise ValueError(f"data.bucket_buffer={buffer} must be a positive number of pictures, or null (one batch per bucket)")
+        raise ValueError(f"{name('bucket_buffer')}={buffer} must be a positive number of pictures, or null (one batch per bucket)")
     return bucket_sizes(resolution, step, max_ratio)
 
 
