@@ -74,3 +74,13 @@ def logging_as_it_was() -> Iterator[None]:
 
 def _is_pytests(handler: logging.Handler) -> bool:
     return type(handler).__module__.startswith("_pytest")
+
+
+def tiny_sd_file(path: Path, seed: int = 0) -> Path:
+    """A tiny random SD 1.x-structured checkpoint (tiny config, weights ~N(0, 0.05)) saved at `path`."""
+    from ldm.checkpoint import checkpoint_from_model, save_checkpoint
+    from ldm.models.stable_diffusion import StableDiffusion
+
+    model = randomize_(StableDiffusion.from_config(model_config("tiny")), std=0.05, seed=seed)
+    save_checkpoint(checkpoint_from_model(model), path)
+    return path

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import logging_as_it_was, model_config, randomize_
+from helpers import logging_as_it_was, randomize_, tiny_sd_file
 from PIL import Image
 from test_host_sync import no_device_reads
 from test_train import (
@@ -32,11 +32,9 @@ from test_train import (
 )
 
 from ldm import sampling
-from ldm.checkpoint import checkpoint_from_model, save_checkpoint
 from ldm.cli.train import train
 from ldm.data.dreambooth import DreamBoothDataModule, token_count, trigger_words
 from ldm.lightning.module import LatentDiffusion
-from ldm.models.stable_diffusion import StableDiffusion
 
 REPO = Path(__file__).resolve().parent.parent
 INSTANCE, CLASS = "a photo of sks dog", "a photo of dog"
@@ -54,10 +52,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD checkpoint (the weights DreamBooth starts from and samples class pictures with)."""
-    model = randomize_(StableDiffusion.from_config(model_config("tiny")), std=0.05, seed=0)
-    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
-    save_checkpoint(checkpoint_from_model(model), path)
-    return path
+    return tiny_sd_file(tmp_path_factory.mktemp("base") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import model_config, randomize_
+from helpers import tiny_sd_file
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
 from test_train import _one_thread  # noqa: F401 (autouse: tiny models on one thread)
 
-from ldm.checkpoint import checkpoint_from_model, save_checkpoint
 from ldm.data.synthetic import (
     STYLE_TRIGGER,
     ShapesDataModule,
@@ -32,7 +31,6 @@ from ldm.data.synthetic import (
     stripe_score,
     write_shapes_shards,
 )
-from ldm.models.stable_diffusion import StableDiffusion
 
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = ["red", "blue", "yellow"]
@@ -124,10 +122,7 @@ def test_stage_one_sees_a_share_of_striped_pictures_of_the_same_scenes(tmp_path:
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD checkpoint (24 px works: latents 6x6, two UNet levels)."""
-    model = randomize_(StableDiffusion.from_config(model_config("tiny")), std=0.05, seed=0)
-    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
-    save_checkpoint(checkpoint_from_model(model), path)
-    return path
+    return tiny_sd_file(tmp_path_factory.mktemp("base") / "tiny.safetensors")
 
 
 def test_class_prompts_given_as_a_list_make_image_i_of_prompt_i_mod_n(tmp_path: Path, tiny_base: Path) -> None:
