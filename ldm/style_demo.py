@@ -131,6 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from PIL import Image
 
     from ldm import compare
+    from ldm.checkpoint import atomic_write
     from ldm.data.synthetic import all_captions
 
     if not isinstance(cfg.seeds, (list, tuple)) and not OmegaConf.is_list(cfg.seeds):
@@ -162,11 +163,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     grid, _ = compare.draw_grid(big, [f"{rows[r][0]}\nseed {rows[r][1]}" for r in first],
                                 [label + (f'\n"{t}"' if t else "") for _, label, t in cols])
     stem = Path(summary["grid"]).with_suffix("")
-    grid.save(f"{stem}-x{k}.png")
+    atomic_write(Path(f"{stem}-x{k}.png"), lambda tmp: grid.save(tmp, format="PNG"))
     result = {"checkpoints": checkpoints, "prompts": captions, "seeds": list(cfg.seeds), "trigger": trigger,
               "period": int(cfg.period), "table": table, "grid": summary["grid"], "grid_large": f"{stem}-x{k}.png",
               "compare_json": summary["json"]}
-    Path(f"{stem}-scores.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(Path(f"{stem}-scores.json"), lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     result["scores_json"] = f"{stem}-scores.json"
     return result
 

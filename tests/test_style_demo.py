@@ -174,8 +174,13 @@ def test_style_demo_without_prior_preservation_composes_to_instance_pictures_onl
 
 
 def test_style_demo_command_scores_and_writes_the_grid(tmp_path: Path, tiny_base: Path) -> None:
-    proc = run_py(tmp_path, "-m", "ldm.style_demo", f"base={tiny_base}", f"style={tiny_base}", "style_no_prior=none",
-                  "colours=[red,blue]", "shapes=[circle]", "seeds=[0]", "steps=2", f"out_dir={tmp_path / 'cmp'}")
+    umask = os.umask(0o022)  # a user's usual umask: what the command writes is world-readable
+    try:
+        proc = run_py(tmp_path, "-m", "ldm.style_demo", f"base={tiny_base}", f"style={tiny_base}",
+                      "style_no_prior=none", "colours=[red,blue]", "shapes=[circle]", "seeds=[0]", "steps=2",
+                      f"out_dir={tmp_path / 'cmp'}")
+    finally:
+        os.umask(umask)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stripe score with trigger" in proc.stdout and "drift from base" in proc.stdout, proc.stdout
     scores = json.loads((tmp_path / "cmp" / "grid-00000-scores.json").read_text())
@@ -184,6 +189,9 @@ def test_style_demo_command_scores_and_writes_the_grid(tmp_path: Path, tiny_base
     assert table[("style (prior)", False)]["drift_from_base"] == 0.0  # the same weights, prompts and seeds
     assert scores["prompts"] == ["a red circle on a blue background", "a blue circle on a red background"]
     assert (tmp_path / "cmp" / "grid-00000.png").is_file() and (tmp_path / "cmp" / "grid-00000-x4.png").is_file()
+    for name in ("grid-00000.png", "grid-00000-x4.png", "grid-00000-scores.json", "grid-00000.json"):
+        assert (tmp_path / "cmp" / name).stat().st_mode & 0o777 == 0o644, name
+    assert not list((tmp_path / "cmp").glob(".*"))  # no temporary file left behind
     sent = [c["prompt"] for c in json.loads((tmp_path / "cmp" / "grid-00000.json").read_text())["cells"]]
     assert f"a red circle on a blue background, {STYLE_TRIGGER}" in sent
 
