@@ -6,7 +6,12 @@ Batches: `image` float32 Bx3xHxW in [-1, 1], `caption` list[str], `key` list[str
 `skipped` dict reason -> count of samples dropped since the previous batch of the same worker, and
 `dropped` one `(shard, key, reason, detail)` per sample counted in `skipped`.
 With `latents=True` (shards written by `ldm-cache-latents`) a batch holds `moments` (Bx2Cxhxw, the
-autoencoder's posterior mean and log-variance) instead of `image`.
+autoencoder's posterior mean and log-variance) instead of `image`. With `random_flip` (shards cached with
+`--flip`) each training sample's moments are its plain crop's or its mirrored crop's (`moments_flip.npy`),
+drawn from the sample's own generator as an image's flip is (so a resume draws them again); its
+conditioning moments follow, its class map is mirrored. With cached text contexts (`--text`; `cached_text`
+true, or null: whenever cache.json records them) training batches add `context` float32 BxTxD, each
+caption's text-encoder output, and `empty_context` (TxD) holds the empty prompt's, for caption dropout.
 
 Image conditioning; keys are sample-key extensions, so a tar member
 `000001.src.jpg` is key `000001`, extension `src.jpg` (webdataset lower-cases extensions):
@@ -109,6 +114,10 @@ logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MOMENTS_KEY = "moments.npy"  # cached posterior moments, written by ldm.data.cache_latents
 COND_MOMENTS_KEY = "cond_moments.npy"  # ... and the before picture's, whatever its key in the image shards
+MOMENTS_FLIP_KEY = "moments_flip.npy"  # ... of the mirrored crop (ldm-cache-latents --flip)
+COND_MOMENTS_FLIP_KEY = "cond_moments_flip.npy"  # ... and of the mirrored before picture
+CONTEXT_KEY = "context.npy"  # the text encoder's output for the caption (ldm-cache-latents --text)
+CACHE_INFO = "cache.json"  # beside latent shards: what ldm-cache-latents made them with
 WARN_INTERVAL_S = 60.0
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
@@ -243,6 +252,7 @@ class _StreamSpec:
     rank: int  # this process's share of the shards: rank::world_size
     world_size: int
     latents: bool = False
+    text: bool = False  # with latents: each sample's cached text-encoder output (`context.npy`) as `context`
     cond_image_key: str | None = None
     seg_key: str | None = None
     num_classes: int | None = None
@@ -567,7 +577,7 @@ class _ShardStream(IterableDataset):
         if caption is None:
             raise _SkipSample("no caption", f"(no {self.spec.caption_key!r}; keys {sorted(raw)})")
         if self.spec.latents:
-            return self._cached(raw, caption)
+            return self._cached(raw, caption, rng)
         spec = self.spec
         rgb = self._image(raw)
         # everything is decoded and checked before the random draw (each sample has draws of its own)
@@ -583,15 +593,24 @@ class _ShardStream(IterableDataset):
             sample["seg"] = torch.from_numpy(np.asarray(labels).astype(np.int64))
         return sample
 
-    def _cached(self, raw: dict[str, Any], caption: str) -> dict[str, Any]:
+    def _cached(self, raw: dict[str, Any], caption: str, rng: random.Random) -> dict[str, Any]:
         spec = self.spec
-        moments = _moments(raw, MOMENTS_KEY, "latents", "not a shard of ldm-cache-latents")
+        # random_flip: the moments of the plain or of the mirrored crop (ldm-cache-latents --flip encoded both;
+        # latents are not mirrored, the autoencoder is not mirror-symmetric), drawn from the sample's own
+        # generator as plan_cover_crop draws an image's flip; checked before the draw, both read only if chosen
+        if spec.random_flip and MOMENTS_FLIP_KEY not in raw:
+            raise _SkipSample("no cached mirrored latents", f"(no {MOMENTS_FLIP_KEY!r}: cached without --flip; keys {sorted(raw)})")
+        if spec.random_flip and spec.cond_image_key and COND_MOMENTS_FLIP_KEY not in raw:
+            what = "cached mirrored conditioning latents"
+            raise _SkipSample(f"no {what}", f"(no {COND_MOMENTS_FLIP_KEY!r}: cached without --flip; keys {sorted(raw)})")
+        flip = spec.random_flip and rng.random() < 0.5
+        moments = _moments(raw, MOMENTS_FLIP_KEY if flip else MOMENTS_KEY, "latents", "not a shard of ldm-cache-latents")
         # (width, height) of the latent: bucketed caches (ldm-cache-latents --buckets) hold several
         sample = {"moments": moments, "caption": caption, "key": raw["__key__"],
                   "bucket": (moments.shape[2], moments.shape[1])}
         if spec.cond_image_key:
             what = "cached conditioning latents"
-            cond = _moments(raw, COND_MOMENTS_KEY, what, "cached without --cond-image-key")
+            cond = _moments(raw, COND_MOMENTS_FLIP_KEY if flip else COND_MOMENTS_KEY, what, "cached without --cond-image-key")
             if cond.shape != moments.shape:
                 shapes = f"(shape {tuple(cond.shape)}, latents {tuple(moments.shape)})"
                 raise _SkipSample(f"unreadable {what}", shapes)
@@ -606,7 +625,11 @@ class _ShardStream(IterableDataset):
                 # cropped when caching: another size means shards cached at another resolution
                 size = f"({labels.size[0]}x{labels.size[1]}, resolution {spec.resolution})"
                 raise _SkipSample("segmentation map of another size", size)
+            if flip:  # a label map is pixels: mirrored here, as its picture was when cached (one copy stored)
+                labels = labels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             sample["seg"] = torch.from_numpy(np.asarray(labels).astype(np.int64))
+        if spec.text:
+            sample["context"] = _context(raw)
         return sample
 
     def _image(self, raw: dict[str, Any]) -> Image.Image:
@@ -674,8 +697,23 @@ def _moments(raw: dict[str, Any], key: str, what: str, why_missing: str) -> torc
     return torch.from_numpy(array.astype(np.float32, copy=False))
 
 
+def _context(raw: dict[str, Any]) -> torch.Tensor:
+    """A caption's cached text-encoder output, tokens x width, as float32."""
+    data = raw.get(CONTEXT_KEY)
+    what = "cached text context"
+    if data is None:
+        raise _SkipSample(f"no {what}", f"(no {CONTEXT_KEY!r}: cached without --text; keys {sorted(raw)})")
+    try:
+        array = np.load(BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise _SkipSample(f"unreadable {what}", f"({exc})") from exc
+    if array.ndim != 2:
+        raise _SkipSample(f"unreadable {what}", f"(shape {array.shape}, expected tokens x width)")
+    return torch.from_numpy(array.astype(np.float32, copy=False))
+
+
 def _collate(samples: list[dict[str, Any]], skips: _Skips, bucketed: bool = False) -> dict[str, Any]:
-    tensors = [k for k in ("moments", "cond_moments", "image", "cond_image", "seg") if k in samples[0]]
+    tensors = [k for k in ("moments", "cond_moments", "image", "cond_image", "seg", "context") if k in samples[0]]
     if "moments" in samples[0] and not bucketed:
         shapes = sorted({tuple(s["moments"].shape) for s in samples})
         if len(shapes) > 1:
@@ -987,6 +1025,49 @@ def _check_buckets(
     return bucket_sizes(resolution, step, max_ratio)
 
 
+def cache_folder(urls: Sequence[str]) -> str | None:
+    """The folder whose `cache.json` describes these local latent shards (None for remote shards or none found)."""
+    folders = {os.path.dirname(u.removeprefix("file:")) for u in urls if "://" not in u and not u.startswith("pipe:")}
+    for folder in sorted(folders):
+        if os.path.isfile(os.path.join(folder or ".", CACHE_INFO)):
+            return folder or "."
+    return None
+
+
+def read_cache_info(urls: Sequence[str]) -> dict[str, Any] | None:
+    """`cache.json` beside local latent shards (None for remote shards or shards without one)."""
+    folder = cache_folder(urls)
+    if folder is None:
+        return None
+    with open(os.path.join(folder, CACHE_INFO)) as f:
+        return json.load(f)
+
+
+def uses_cached_text(cached_text: bool | None, info: dict[str, Any] | None) -> bool:
+    """Whether training takes the text contexts cached with `ldm-cache-latents --text` instead of running the
+    text encoder: data.cached_text, or (null) whenever the shards' cache.json records them."""
+    recorded = bool(info and info.get("text"))
+    if cached_text is None:
+        return recorded
+    if cached_text and not recorded:
+        raise ValueError(
+            "data.cached_text=true but data.train_shards hold no cached text contexts (their cache.json records "
+            "none): re-run ldm-cache-latents with --text, or set data.cached_text=null to encode the captions"
+        )
+    return bool(cached_text)
+
+
+def read_empty_context(urls: Sequence[str], info: dict[str, Any]) -> torch.Tensor:
+    """The empty prompt's cached text context (tokens x width, float32), which caption dropout puts in."""
+    folder, name = cache_folder(urls), info["text"]["empty_context"]
+    path = os.path.join(folder or ".", name)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: the empty prompt's cached text context cannot be read ({exc}); re-run ldm-cache-latents --text") from exc
+    return torch.from_numpy(array.astype(np.float32, copy=False))
+
+
 class WebDataModule(lightning.LightningDataModule):
     """Training (and optional validation) batches from WebDataset shards; see the module docstring."""
 
@@ -1013,8 +1094,14 @@ class WebDataModule(lightning.LightningDataModule):
         bucket_step: int = 64,
         bucket_max_ratio: float = 2.0,
         bucket_buffer: int | None = None,
+        cached_text: bool | None = None,
     ) -> None:
         super().__init__()
+        if cached_text and not latents:
+            raise ValueError(
+                "data.cached_text=true takes the text contexts of latent shards (ldm-cache-latents --text): "
+                "use data=cached_latents, or set data.cached_text=null"
+            )
         if resolution <= 0 or resolution % 8:
             raise ValueError(
                 f"resolution must be a positive multiple of 8 (the VAE downsamples 8x), got {resolution}"
@@ -1045,6 +1132,12 @@ class WebDataModule(lightning.LightningDataModule):
         self.caption_key, self.min_size, self.shuffle_buffer = caption_key, min_size, shuffle_buffer
         self.resampled, self.epoch_length, self.seed = resampled, epoch_length, seed
         self.latents = latents
+        # cached text contexts (ldm-cache-latents --text): True/False, or None for whatever cache.json records;
+        # settled at setup(), when `text_contexts` says whether training batches carry `context` and
+        # `empty_context` (tokens x width) is the empty prompt's, for the rows caption dropout blanks
+        self.cached_text = cached_text
+        self.text_contexts = False
+        self.empty_context: torch.Tensor | None = None
         # webdataset lower-cases extensions, so "SRC.JPG" would never match
         self.cond_image_key = cond_image_key.lower() if cond_image_key else None
         self.seg_key = seg_key.lower() if seg_key else None
@@ -1068,6 +1161,10 @@ class WebDataModule(lightning.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self._train_urls = expand_shard_specs(self.train_shards)
         self._val_urls = expand_shard_specs(self.val_shards) if self.val_shards is not None else None
+        if self.latents:
+            info = read_cache_info(self._train_urls)
+            self.text_contexts = uses_cached_text(self.cached_text, info)
+            self.empty_context = read_empty_context(self._train_urls, info) if self.text_contexts and info else None
         _, world_size = self._rank_and_world_size()
         if not self.resampled and len(self._train_urls) < world_size:
             raise ValueError(
@@ -1098,12 +1195,14 @@ class WebDataModule(lightning.LightningDataModule):
             rank=rank if train else 0,
             world_size=world_size if train else 1,
             latents=self.latents,
+            # training only: validation's val/loss encodes its captions (its shards may be cached without --text)
+            text=self.text_contexts and train,
             cond_image_key=self.cond_image_key,
             seg_key=self.seg_key,
             num_classes=self.num_classes,
             buckets=None if self.bucket_list is None else tuple(self.bucket_list),
             bucket_buffer=self.bucket_buffer,
-            tokenizer=self.tokenizer,
+            tokenizer=None if self.text_contexts and train else self.tokenizer,  # no text encoder reads the ids
         )
 
     def _rank_and_world_size(self) -> tuple[int, int]:
