@@ -9,9 +9,30 @@ CKPT holds the autoencoder you train with: an SD single file or diffusers folder
 becomes one latent shard of the same name holding the same samples in the same order: `moments.npy`
 (the posterior's mean and log-variance, C×2 channels at 1/8 resolution) and the caption. Training draws
 z ~ N(mean, var) from them with its own noise generator, as it does after encoding an image, so a run
-on cached latents takes the steps a run on the images would take, minus the encoder. Crops and flips are
-fixed when caching (centre crop, no flip). `OUT/cache.json` records the autoencoder's fingerprint, and
-train.py refuses latents made by another autoencoder.
+on cached latents takes the steps a run on the images would take, minus the encoder. Crops are fixed when
+caching (centre crop); flips too, unless `--flip`. `OUT/cache.json` records the autoencoder's fingerprint,
+and train.py refuses latents made by another autoencoder.
+
+Flips (`--flip`, as kohya's latent cache for flip_aug): each sample also gets `moments_flip.npy`, the moments
+of its mirrored crop (the mirrored picture encoded: the autoencoder is not mirror-symmetric, so mirroring the
+latents would not do), and `cond_moments_flip.npy` with `--cond-image-key`; class maps (`--seg-key`) are
+stored once and mirrored as they are read. Train with data.random_flip=true: each sample's plain or mirrored
+moments, drawn per sample as a picture's flip is drawn (a resumed run draws the same). train.py refuses
+data.random_flip=true on latents cached without --flip. Twice the encoder's work and the moments' space.
+
+Text (`--text`): each sample also gets `context.npy`, its caption's cross-attention context (tokens x width,
+in `--dtype`) from CKPT's text encoder, tokenized as the model does, so training runs no text encoder: train
+from the same checkpoint (init_from) with data=cached_latents (data.cached_text: null uses them whenever
+cache.json records them; false encodes the captions). `OUT/empty_context.npy` holds the empty prompt's
+context once, which caption dropout puts in the rows it drops; cache.json records it, the text encoder's
+fingerprint and the tokenizer's length, and train.py refuses contexts of another text encoder, and runs
+that train the text encoder (module.train_text_encoder, module.lora.text_encoder) on them. An SD 1.x
+context is 77x768 (230 KB in fp32: --dtype fp16 halves it). Validation (val/loss, sample images) still
+encodes its captions and prompts.
+
+    ldm-cache-latents v1-5-pruned.safetensors 'shards/{000000..000099}.tar' latents/ --resolution 512 --flip --text
+    python train.py experiment=sd15_finetune init_from=v1-5-pruned.safetensors data=cached_latents \\
+        data.train_shards=latents/ data.random_flip=true
 
 Aspect-ratio buckets: `--buckets` (with `--bucket-step 64 --bucket-max-ratio 2.0`, as data.bucket_*) encodes
 each picture at its bucket (the one of nearest aspect ratio among those of about resolution² pixels; see
@@ -43,6 +64,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -52,60 +74,89 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from ldm.checkpoint import VAE_PREFIX, CheckpointError, read_checkpoint, read_tensor_file
+from ldm.checkpoint import (
+    TEXT_PREFIX,
+    VAE_PREFIX,
+    CheckpointError,
+    parameters_on_meta,
+    read_checkpoint,
+    read_tensor_file,
+)
 from ldm.data.webdataset import (
+    CACHE_INFO,
+    COND_MOMENTS_FLIP_KEY,
     COND_MOMENTS_KEY,
+    CONTEXT_KEY,
+    MOMENTS_FLIP_KEY,
     MOMENTS_KEY,
     _check_buckets,
     _check_conditioning,
     _ShardStream,
     _StreamSpec,
     expand_shard_specs,
+    read_cache_info,
 )
 from ldm.models.autoencoder import AutoencoderKL
 
-CACHE_INFO = "cache.json"
+__all__ = ["CACHE_INFO", "cache_latents", "fingerprint", "load_autoencoder", "load_encoders", "main", "read_cache_info"]
+
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
+EMPTY_CONTEXT = "empty_context.npy"  # in OUT with --text: the empty prompt's context, which caption dropout puts in
 
 
-def load_autoencoder(path: str | Path) -> AutoencoderKL:
-    """The autoencoder of any checkpoint the loader takes, or of a stage-one checkpoint of this project."""
+def load_encoders(path: str | Path, text: bool = False) -> tuple[AutoencoderKL, torch.nn.Module | None]:
+    """The autoencoder of any checkpoint the loader takes, or of a stage-one checkpoint of this project; with
+    `text`, also the text encoder (the model's `cond_stage_model`, float32, with the checkpoint's tokenizer)."""
     path = Path(path)
     if path.is_file():
         obj, _ = read_tensor_file(path)
         config = obj.get("ldm_config") if isinstance(obj, dict) else None
         if isinstance(config, dict) and "first_stage" in config and "unet" not in config:
+            if text:
+                raise CheckpointError(
+                    f"{path} is a stage-one checkpoint (an autoencoder alone): --text needs the text encoder, so "
+                    "give the SD checkpoint you train from (init_from), or cache without --text"
+                )
             state = obj.get("state_dict", obj)
             weights = {k[len(VAE_PREFIX) :]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
             vae = AutoencoderKL(**config["first_stage"])
             vae.load_state_dict(weights, strict=True)
-            return vae.eval()
+            return vae.eval(), None
     ckpt = read_checkpoint(path)
     weights = {k[len(VAE_PREFIX) :]: v for k, v in ckpt.state_dict.items() if k.startswith(VAE_PREFIX)}
     if not weights:
         raise CheckpointError(f"{path} holds no autoencoder ('{VAE_PREFIX}*' weights)")
     vae = AutoencoderKL(**ckpt.config["first_stage"])
     vae.load_state_dict(weights, strict=True)
-    return vae.eval()
+    return vae.eval(), (_text_encoder(ckpt, path) if text else None)
 
 
-def fingerprint(vae: torch.nn.Module) -> str:
-    """A hash of the autoencoder's weights (as float32), to tell which one made a set of latents."""
+def load_autoencoder(path: str | Path) -> AutoencoderKL:
+    """The autoencoder of any checkpoint the loader takes, or of a stage-one checkpoint of this project."""
+    return load_encoders(path)[0]
+
+
+def _text_encoder(ckpt: Any, path: Path) -> torch.nn.Module:
+    """The checkpoint's text encoder, built as StableDiffusion builds its `cond_stage_model` (same config, same
+    tokenizer), its weights as float32 as LatentDiffusion holds them."""
+    from ldm.models.stable_diffusion import build_text_encoder
+
+    weights = {k[len(TEXT_PREFIX) :]: v for k, v in ckpt.state_dict.items() if k.startswith(TEXT_PREFIX)}
+    if not weights:
+        raise CheckpointError(f"{path} holds no text encoder ('{TEXT_PREFIX}*' weights): cache without --text")
+    with parameters_on_meta():
+        encoder = build_text_encoder(ckpt.config["cond_stage"], ckpt.tokenizer_dir)
+    encoder.load_state_dict(weights, strict=True, assign=True)
+    return encoder.float().eval()
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a module's weights (as float32), to tell which autoencoder (or text encoder) made a cache."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def read_cache_info(urls: Sequence[str]) -> dict[str, Any] | None:
-    """`cache.json` beside local latent shards (None for remote shards or shards without one)."""
-    folders = {os.path.dirname(u.removeprefix("file:")) for u in urls if "://" not in u and not u.startswith("pipe:")}
-    for folder in sorted(folders):
-        path = Path(folder or ".") / CACHE_INFO
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -154,11 +205,14 @@ def cache_latents(
     buckets: bool = False,
     bucket_step: int = 64,
     bucket_max_ratio: float = 2.0,
+    flip: bool = False,
+    text: bool = False,
 ) -> dict[str, Any]:
     """Write one latent shard per source shard into `out_dir`; returns what `cache.json` records.
 
     `cond_image_key` adds the conditioning picture's moments, `seg_key` the cropped class map (see the
-    module docstring); `num_classes` skips maps with larger labels.
+    module docstring); `num_classes` skips maps with larger labels. `flip` adds the moments of each mirrored
+    crop (and of its mirrored conditioning picture), `text` each caption's text-encoder output.
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -177,7 +231,24 @@ def cache_latents(
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {len(existing)} of these shards; pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
-    vae = load_autoencoder(ckpt).to(device)
+    vae, text_encoder = load_encoders(ckpt, text)
+    vae = vae.to(device)
+    text_info = None
+    (out_dir / EMPTY_CONTEXT).unlink(missing_ok=True)  # a run with --text into this folder before: not this cache's
+    if text_encoder is not None:
+        text_encoder = text_encoder.to(device)
+        # the empty prompt's context once (caption dropout's), before the shards: cache.json names it
+        empty = _contexts(text_encoder, [""], DTYPES[dtype])[0]
+        tmp = out_dir / f".{EMPTY_CONTEXT}.tmp"
+        tmp.write_bytes(empty)
+        os.replace(tmp, out_dir / EMPTY_CONTEXT)
+        text_info = {
+            "empty_context": EMPTY_CONTEXT,
+            "text_encoder_fingerprint": fingerprint(text_encoder),
+            "max_length": text_encoder.tokenizer.max_length,
+            "context_dim": text_encoder.output_dim,
+        }
+    encoders = _Encoders(vae, text_encoder, flip, DTYPES[dtype])
     skipped: Counter[str] = Counter()
     written = 0
     for url, name in zip(urls, names, strict=True):
@@ -186,7 +257,7 @@ def cache_latents(
             caption_key=caption_key, min_size=0, shuffle_buffer=0, resampled=False, rank=0, world_size=1,
             cond_image_key=cond_image_key, seg_key=seg_key, num_classes=num_classes, buckets=bucket_list,
         )
-        written += _cache_shard(vae, spec, out_dir / name, DTYPES[dtype], skipped)
+        written += _cache_shard(encoders, spec, out_dir / name, skipped)
     info = {
         "first_stage_fingerprint": fingerprint(vae),
         "latent_channels": vae.embed_dim,
@@ -195,6 +266,8 @@ def cache_latents(
         "cond_image_key": cond_image_key,
         "seg_key": seg_key,
         "buckets": {"step": bucket_step, "max_ratio": bucket_max_ratio} if buckets else None,
+        "flip": flip,  # moments_flip.npy (and cond_moments_flip.npy): train with data.random_flip=true
+        "text": text_info,  # context.npy: the text encoder does not run in training
         "samples": written,
         "skipped": dict(skipped),
         "source": [str(u) for u in urls],
@@ -209,6 +282,14 @@ def _shard_name(url: str, index: int) -> str:
     return name if name.endswith(".tar") else f"shard-{index:06d}.tar"
 
 
+@dataclass(frozen=True)
+class _Encoders:
+    vae: AutoencoderKL
+    text_encoder: torch.nn.Module | None  # --text
+    flip: bool  # --flip
+    dtype: type  # storage of what is written
+
+
 def _encoded(vae: AutoencoderKL, images: torch.Tensor, dtype: type) -> list[bytes]:
     """Each image's posterior mean and log-variance, as .npy bytes."""
     param = next(vae.parameters())
@@ -217,9 +298,21 @@ def _encoded(vae: AutoencoderKL, images: torch.Tensor, dtype: type) -> list[byte
     return [_npy(m.astype(dtype)) for m in moments]
 
 
-def _cache_shard(
-    vae: AutoencoderKL, spec: _StreamSpec, path: Path, dtype: type, skipped: Counter[str]
-) -> int:
+def _mirrored(images: torch.Tensor) -> torch.Tensor:
+    """The pictures mirrored left-right, as the loader's random_flip mirrors a crop (the same pixels)."""
+    return torch.flip(images, dims=[-1])
+
+
+def _contexts(text_encoder: torch.nn.Module, captions: list[str], dtype: type) -> list[bytes]:
+    """Each caption's cross-attention context (tokens x width) as .npy bytes: what LatentDiffusion's text
+    conditioner gives for it, `cond_stage_model.encode` of the model's own tokenization."""
+    device = next(text_encoder.parameters()).device
+    context = text_encoder.encode(text_encoder.tokenize(captions).to(device)).float().cpu().numpy()
+    return [_npy(c.astype(dtype)) for c in context]
+
+
+def _cache_shard(encoders: _Encoders, spec: _StreamSpec, path: Path, skipped: Counter[str]) -> int:
+    vae, dtype = encoders.vae, encoders.dtype
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
     try:
@@ -229,10 +322,16 @@ def _cache_shard(
                 if "image" not in batch:
                     continue
                 columns = {MOMENTS_KEY: _encoded(vae, batch["image"], dtype)}
+                if encoders.flip:  # the mirrored picture encoded: the autoencoder is not mirror-symmetric
+                    columns[MOMENTS_FLIP_KEY] = _encoded(vae, _mirrored(batch["image"]), dtype)
                 if spec.cond_image_key:
                     columns[COND_MOMENTS_KEY] = _encoded(vae, batch["cond_image"], dtype)
-                if spec.seg_key:
+                    if encoders.flip:
+                        columns[COND_MOMENTS_FLIP_KEY] = _encoded(vae, _mirrored(batch["cond_image"]), dtype)
+                if spec.seg_key:  # one copy: a label map is mirrored as it is read (data.random_flip)
                     columns[spec.seg_key] = [_label_png(labels) for labels in batch["seg"]]
+                if encoders.text_encoder is not None:
+                    columns[CONTEXT_KEY] = _contexts(encoders.text_encoder, batch["caption"], dtype)
                 for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"], strict=True)):
                     members = {name: values[i] for name, values in columns.items()}
                     if spec.seg_key and members[spec.seg_key] is None:
@@ -264,12 +363,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="encode each picture at its aspect-ratio bucket (train with data.buckets=true)")
     parser.add_argument("--bucket-step", type=int, default=64, help="with --buckets: bucket sides are multiples of this")
     parser.add_argument("--bucket-max-ratio", type=float, default=2.0, help="with --buckets: the longest side over the shortest")
+    parser.add_argument("--flip", action="store_true",
+                        help="also encode each mirrored crop (moments_flip.npy; train with data.random_flip=true)")
+    parser.add_argument("--text", action="store_true",
+                        help="also store each caption's text-encoder output (context.npy), from CKPT's text encoder, "
+                             "so training does not run it")
     args = parser.parse_args(argv)
     try:
         info = cache_latents(
             args.ckpt, args.src, args.out, args.resolution, args.batch_size, args.device, args.dtype,
             args.caption_key, args.overwrite, args.cond_image_key, args.seg_key, args.num_classes,
-            args.buckets, args.bucket_step, args.bucket_max_ratio,
+            args.buckets, args.bucket_step, args.bucket_max_ratio, args.flip, args.text,
         )
     except (OSError, ValueError, CheckpointError) as exc:
         parser.error(str(exc))
