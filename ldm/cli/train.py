@@ -412,19 +412,36 @@ def check_resolution(
 
 
 def check_cached_latents(datamodule: Any, module: Any) -> None:
-    """Latent shards must come from this model's autoencoder, at the configured resolution."""
+    """Latent shards must come from this model's autoencoder, at the configured resolution; flipped only if
+    cached with --flip; cached text contexts only from this model's text encoder, which must not train."""
     if not getattr(datamodule, "latents", False) or not hasattr(module, "first_stage_model"):
         return
-    from ldm.data.cache_latents import fingerprint, read_cache_info
-    from ldm.data.webdataset import expand_shard_specs
+    from ldm.data.cache_latents import fingerprint
+    from ldm.data.webdataset import expand_shard_specs, read_cache_info, uses_cached_text
 
     info = read_cache_info(expand_shard_specs(datamodule.train_shards))
     if info is None:
+        if getattr(datamodule, "cached_text", None):
+            raise ConfigError(
+                "data.cached_text=true but data.train_shards have no cache.json beside them (it names the empty "
+                "prompt's context): cache them with ldm-cache-latents --text, or set data.cached_text=null"
+            )
         log.warning("data.train_shards have no cache.json beside them: cannot check which autoencoder made them")
         return
     how = "re-run ldm-cache-latents with the checkpoint you train from (init_from or module.first_stage_ckpt)"
     if info["first_stage_fingerprint"] != fingerprint(module.first_stage_model):
         raise ConfigError(f"data.train_shards were cached with another autoencoder ({info['checkpoint']}); {how}")
+    if getattr(datamodule, "random_flip", False) and not info.get("flip"):
+        raise ConfigError(
+            "data.random_flip=true but data.train_shards were cached without --flip (only each picture's plain "
+            "crop was encoded): re-run ldm-cache-latents with --flip, or set data.random_flip=false"
+        )
+    try:
+        text = uses_cached_text(getattr(datamodule, "cached_text", None), info)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if text:
+        check_cached_text(info, module)
     for key in ("cond_image_key", "seg_key"):
         if getattr(datamodule, key, None) and not info.get(key):
             flag = "--" + key.replace("_", "-")
@@ -441,6 +458,30 @@ def check_cached_latents(datamodule: Any, module: Any) -> None:
         raise ConfigError(
             f"data.train_shards were cached at resolution {info['resolution']}, data.resolution is "
             f"{datamodule.resolution}: set data.resolution={info['resolution']} or cache again"
+        )
+
+
+def check_cached_text(info: dict[str, Any], module: Any) -> None:
+    """Text contexts cached with --text stand in for this model's text encoder: the same weights and token
+    length, and an encoder that does not train."""
+    from ldm.data.cache_latents import fingerprint
+    from ldm.lightning.module import cached_text_conflict
+
+    conflict = cached_text_conflict(module)
+    if conflict:
+        raise ConfigError(conflict)
+    text, encoder = info["text"], module.cond_stage_model
+    if text["text_encoder_fingerprint"] != fingerprint(encoder):
+        raise ConfigError(
+            f"data.train_shards hold text contexts cached with another text encoder ({info['checkpoint']}): re-run "
+            "ldm-cache-latents --text with the checkpoint you train from (init_from), or set data.cached_text=false "
+            "to encode the captions with this model's"
+        )
+    length = getattr(getattr(encoder, "tokenizer", None), "max_length", None)
+    if length is not None and text.get("max_length") != length:
+        raise ConfigError(
+            f"data.train_shards hold text contexts of {text.get('max_length')} tokens, this model's tokenizer gives "
+            f"{length}: re-run ldm-cache-latents --text with the checkpoint you train from, or set data.cached_text=false"
         )
 
 

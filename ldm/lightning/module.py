@@ -4,7 +4,9 @@ It *is* a StableDiffusion (same attributes, so the same LDM key names in its che
 training step of DESIGN.md's data flow:
 
     z0 = scale_factor · E(image)                  frozen first stage, eval mode, no grads (or cached moments)
-    c  = text_encoder(caption, dropped w.p. p)    frozen unless train_text_encoder (or adapted: lora.text_encoder)
+    c  = text_encoder(caption, dropped w.p. p)    frozen unless train_text_encoder (or adapted: lora.text_encoder);
+                                                  or the batch's cached `context` (ldm-cache-latents --text), the
+                                                  dropped rows the cached empty prompt's (`empty_context`)
     t, ε ~ generator seeded seed + global_rank    (so every GPU draws different noise)
     z_t = q_sample(z0, t, ε + offset_noise · ε')
     image-conditioned UNets also see, concatenated to z_t (model config `concat`):
@@ -106,6 +108,22 @@ def text_encoder_settings(settings: dict[str, Any] | None, train_text_encoder: b
     if max_steps is not None and int(max_steps) < 0:
         raise ValueError(f"module.text_encoder.max_steps must be at least 0 (null: all steps), got {max_steps}")
     return (None if lr is None else float(lr)), (None if max_steps is None else int(max_steps))
+
+
+def cached_text_conflict(module: Any) -> str | None:
+    """Why `module` cannot train on text contexts cached by ldm-cache-latents --text (it trains the text
+    encoder, which would then never run), or None."""
+    if getattr(module, "train_text_encoder", False):
+        what = "module.train_text_encoder=true trains the text encoder"
+    elif getattr(module, "text_lora", None) is not None:
+        what = "module.lora.text_encoder trains adapters of the text encoder"
+    else:
+        return None
+    return (
+        f"{what}, but data.train_shards hold text contexts cached with ldm-cache-latents --text, which the run would "
+        "train on instead of running the encoder: set data.cached_text=false to encode the captions, or keep the "
+        "text encoder frozen"
+    )
 
 
 def _takes_keyword(func: Callable[..., Any], name: str) -> bool:
@@ -217,6 +235,8 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self.train_text_encoder = train_text_encoder
         self.text_encoder_lr, self.text_encoder_max_steps = text_encoder_settings(text_encoder, train_text_encoder)
         self.seed = seed
+        # the empty prompt's text context (tokens x width) for batches with cached contexts (see _text_context)
+        self.empty_context: Tensor | None = None
         self.scale_by_std = scale_by_std
         self.max_nonfinite_steps = max_nonfinite_steps
         self.compile_unet = compile  # torch.compile the UNet when fitting starts (after any sharding)
@@ -354,6 +374,13 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         tokenizer = getattr(self.cond_stage_model, "tokenizer", None)
         if tokenizer is not None and callable(getattr(datamodule, "tokenize_with", None)):
             datamodule.tokenize_with(tokenizer)
+        # Text contexts cached by ldm-cache-latents --text (WebDataModule's setup, which runs first, read them):
+        # the text encoder does not run in training; caption dropout puts in the empty prompt's cached context.
+        if getattr(datamodule, "text_contexts", False):
+            conflict = cached_text_conflict(self)
+            if conflict:
+                raise ValueError(conflict)
+            self.empty_context = datamodule.empty_context
 
     def configure_model(self) -> None:
         """Under trainer=fsdp (a device mesh is set), shard the UNet and its EMA; otherwise nothing."""
@@ -508,11 +535,36 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
     def _text_context(self, batch: dict[str, Any], keep: Tensor | None) -> Tensor:
         """The text encoder's output for the batch's captions, "" where `keep` is False: the same ids (so
         the same output) as tokenizing the list with those captions blanked. The batch's `input_ids`, when
-        the loader's workers tokenized the captions already, are those same ids."""
+        the loader's workers tokenized the captions already, are those same ids. A batch's `context` (cached by
+        ldm-cache-latents --text) is that output already: the text encoder does not run, and the rows `keep`
+        drops get the cached empty prompt's context (`empty_context`), chosen on the device."""
+        if "context" in batch:
+            context = batch["context"].to(device=self.device, dtype=self.dtype)
+            if keep is None:
+                return context
+            return torch.where(keep.to(context.device)[:, None, None], context, self._empty_context_on(context))
         tokens = self.text_tokens(batch["input_ids"] if "input_ids" in batch else batch["caption"])
         if keep is not None:
             tokens = torch.where(keep.to(tokens.device)[:, None], tokens, self._empty_prompt_tokens(tokens.device))
         return self.cond_stage_model.encode(tokens)
+
+    def _empty_context_on(self, context: Tensor) -> Tensor:
+        """The cached empty prompt's context (1 x tokens x width) on `context`'s device and dtype."""
+        if self.empty_context is None:
+            raise ValueError(
+                "the batches carry cached text contexts (ldm-cache-latents --text) but the module has no empty-prompt "
+                "context for caption dropout: WebDataModule gives it (empty_context.npy beside the shards' cache.json) at setup; "
+                "set LatentDiffusion.empty_context to it, or module.caption_dropout=0"
+            )
+        cached = getattr(self, "_empty_context_cached", None)
+        if cached is None or cached.device != context.device or cached.dtype != context.dtype:
+            cached = self._empty_context_cached = self.empty_context.to(device=context.device, dtype=context.dtype)[None]
+        if cached.shape[1:] != context.shape[1:]:
+            raise ValueError(
+                f"the cached empty-prompt context is {tuple(cached.shape[1:])}, the batch's contexts "
+                f"{tuple(context.shape[1:])}: they come from different caches; re-run ldm-cache-latents --text"
+            )
+        return cached
 
     def _empty_prompt_tokens(self, device: torch.device) -> Tensor:
         cached = getattr(self, "_empty_tokens", None)
