@@ -22,6 +22,30 @@ samples likewise, by their own seeds. Rank r's b-th batch holds samples `(b * wo
 + j`: ranks take disjoint slices of each global batch. The loader starts at batch `global_step *
 accumulate_grad_batches` of the trainer, so a run resumed from a checkpoint (`ckpt_path=last`) reads
 exactly the samples the uninterrupted run reads, with no data state in the checkpoint.
+
+Pictures smaller than `resolution` (with buckets: than their bucket) are upscaled and trained on, never
+skipped (a DreamBooth folder is a handful of pictures: each one counts); setup warns with their number.
+
+Aspect-ratio buckets (`buckets=True`, with `bucket_step`, `bucket_max_ratio`; kohya's sd-scripts bucket
+DreamBooth pictures so): each instance picture belongs to the bucket of nearest aspect ratio among the
+WebDataset loader's buckets for the same settings (`ldm.data.buckets.bucket_sizes`, `nearest_bucket`; at
+512: 512x512, 576x448, 640x384 and their transposes), is cover-resized and cropped to it (centre, or at
+random) and flipped as above, and every batch holds one bucket. Batch b of rank r is global batch q = b *
+world_size + r, still a pure function of (seed, q): position q mod N of cycle q // N, where a cycle is
+`batch_size` passes over the N pictures, N batches. Bucket g, of n_g pictures, has n_g of a cycle's batches,
+cut in order from `batch_size` permutations of its own pictures laid end to end (seeded by (seed, cycle);
+where a batch spans two permutations, the second puts the pictures the batch already holds after the
+others); the cycle's N batches then go in a seeded random order. So no batch is short or filled with another
+bucket's pictures, none holds a picture twice unless its bucket has fewer than `batch_size` pictures (it then
+repeats its own, with their own crops and flips), each bucket's share of batches (and samples) is its share
+of pictures, exactly, in every cycle, and each picture is shown `batch_size` times a cycle, as once a pass
+without buckets. Ranks take disjoint batches; each rank's batch is of one bucket, but ranks may train
+different buckets in the same step (DDP averages gradients, not shapes). The crops and flips of row j, and
+the class picture beside it, are those of sample k = q * batch_size + j, seeded as without buckets.
+Prior preservation's class rows share the tensor of the batch's instance rows, so they take its shape: the
+(square, `resolution`) class pictures are cover-resized and centre-cropped to the batch's bucket (one
+trained at 640x384 loses strips at its top and bottom; sampling the class pictures at each bucket's shape
+would keep them whole, and is not done).
 """
 
 from __future__ import annotations
@@ -40,8 +64,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.cli.sample import UsageError
-from ldm.data.transforms import apply_crop, plan_crop, to_tensor
-from ldm.data.webdataset import _mix_seed
+from ldm.data.buckets import Bucket, nearest_bucket
+from ldm.data.transforms import apply_crop, plan_cover_crop, to_tensor
+from ldm.data.webdataset import _check_buckets, _mix_seed
 
 logger = logging.getLogger(__name__)
 
@@ -96,35 +121,91 @@ class _Pictures:
             self._perm = (epoch, rng.permutation(n))
         return int(self._perm[1][k % n])
 
-    def sample(self, k: int) -> tuple[torch.Tensor, str]:
-        i = self.index(k)
+    def sample(self, k: int, index: int | None = None, target: Bucket | None = None) -> tuple[torch.Tensor, str]:
+        """Sample k: picture `index` (default: the k-th of the passes' permutations) cover-resized and cropped to
+        `target` (width, height; default the `resolution` square), with crop and flip draws seeded by (seed, k)."""
+        i = self.index(k) if index is None else index
         picture = self.pictures[i]
         if isinstance(picture, Path):
             with Image.open(picture) as opened:
                 picture = opened.convert("RGB")
         rng = random.Random(_mix_seed(self.seed, self.stream, 1, k))
-        plan = plan_crop(picture.size, self.resolution, self.random_crop, self.random_flip, rng)
+        target = target or (self.resolution, self.resolution)
+        plan = plan_cover_crop(picture.size, target, self.random_crop, self.random_flip, rng)
         return to_tensor(apply_crop(picture, plan)), self.captions[i]
+
+
+class _BucketSchedule:
+    """Which pictures global batch q holds, all of one bucket: a pure function of (seed, q). A cycle is
+    `batch_size` passes over the N pictures, N batches: bucket g's n_g of them cut from `batch_size` seeded
+    permutations of its pictures laid end to end (no picture twice in a batch where n_g >= batch_size), then
+    the cycle's batches in a seeded order (see the module docstring)."""
+
+    def __init__(self, buckets: Sequence[Bucket], batch_size: int, seed: int) -> None:
+        self.batch_size, self.seed = batch_size, seed
+        self.groups: dict[Bucket, list[int]] = {}
+        for i, bucket in enumerate(buckets):
+            self.groups.setdefault(bucket, []).append(i)
+        self.groups = dict(sorted(self.groups.items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0])))
+        self.num_pictures = len(buckets)
+        self._cycle: tuple[int, list[tuple[Bucket, list[int]]]] | None = None
+
+    def __len__(self) -> int:
+        """Batches a cycle."""
+        return self.num_pictures
+
+    def batch(self, q: int) -> tuple[Bucket, list[int]]:
+        """Global batch q's bucket and pictures (indices into the instance pictures)."""
+        cycle, position = divmod(q, self.num_pictures)
+        if self._cycle is None or self._cycle[0] != cycle:
+            self._cycle = (cycle, self._plan(cycle))
+        return self._cycle[1][position]
+
+    def _plan(self, cycle: int) -> list[tuple[Bucket, list[int]]]:
+        rng = np.random.Generator(np.random.PCG64(_mix_seed(self.seed, _INSTANCE, 2, cycle)))
+        batches = []
+        size = self.batch_size
+        for bucket, members in self.groups.items():
+            stream: list[int] = []
+            for _ in range(size):
+                order = [members[i] for i in rng.permutation(len(members))]
+                tail = stream[len(stream) - len(stream) % size:]  # the batch this pass's first pictures complete
+                if tail and len(members) >= size:  # none of its pictures again in it: the others first
+                    head = [i for i in order if i not in tail][:size - len(tail)]
+                    order = head + [i for i in order if i not in head]
+                stream += order
+            batches += [(bucket, stream[at:at + size]) for at in range(0, len(stream), size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
 
 
 class _Batches(Dataset):
     """Batch b of this rank (map-style: any batch on its own, in any worker)."""
 
     def __init__(self, instances: _Pictures, classes: _Pictures | None, batch_size: int, rank: int,
-                 world_size: int, tokenizer: Callable[[list[str]], torch.Tensor] | None = None) -> None:
+                 world_size: int, tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+                 schedule: _BucketSchedule | None = None) -> None:
         self.instances, self.classes = instances, classes
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.tokenizer = tokenizer
+        self.schedule = schedule
 
     def sample_indices(self, b: int) -> list[int]:
+        """The sample numbers of this rank's batch b (what seeds their crops, flips and class pictures)."""
         first = (b * self.world_size + self.rank) * self.batch_size
         return list(range(first, first + self.batch_size))
 
+    def plan(self, b: int) -> tuple[Bucket | None, list[int]]:
+        """This rank's batch b: its bucket (None without buckets) and its instance pictures (indices)."""
+        if self.schedule is None:
+            return None, [self.instances.index(k) for k in self.sample_indices(b)]
+        return self.schedule.batch(b * self.world_size + self.rank)
+
     def __getitem__(self, b: int) -> dict[str, Any]:
         ks = self.sample_indices(b)
-        rows = [self.instances.sample(k) for k in ks]
+        bucket, pictures = self.plan(b)
+        rows = [self.instances.sample(k, i, bucket) for k, i in zip(ks, pictures, strict=True)]
         if self.classes is not None:
-            rows += [self.classes.sample(k) for k in ks]
+            rows += [self.classes.sample(k, target=bucket) for k in ks]
         captions = [caption for _, caption in rows]
         batch = {
             "image": torch.stack([image for image, _ in rows]),
@@ -200,10 +281,17 @@ class DreamBoothDataModule(lightning.LightningDataModule):
         class_batch_size: int = 4,
         class_negative_prompt: str = "",
         class_dtype: str = "fp16",
+        buckets: bool = False,
+        bucket_step: int = 64,
+        bucket_max_ratio: float = 2.0,
     ) -> None:
         super().__init__()
         if not isinstance(resolution, int) or resolution <= 0 or resolution % 8:
             raise UsageError(f"data.resolution must be a positive multiple of 8 (the VAE downsamples 8x), got {resolution}")
+        # the WebDataset loader's buckets and checks: the same list, the same one-line errors
+        self.bucket_list: list[Bucket] | None = (
+            _check_buckets(resolution, bucket_step, bucket_max_ratio, None) if buckets else None)
+        self.buckets, self.bucket_step, self.bucket_max_ratio = bool(buckets), bucket_step, bucket_max_ratio
         if batch_size < 1 or num_workers < 0:
             raise UsageError(f"need data.batch_size >= 1 and data.num_workers >= 0, got {batch_size}, {num_workers}")
         for name, text in (("instance_prompt", instance_prompt), ("class_prompt", class_prompt)):
@@ -247,6 +335,7 @@ class DreamBoothDataModule(lightning.LightningDataModule):
         self.class_paths: list[Path] | None = None
         self.tokenizer: Callable[[list[str]], torch.Tensor] | None = None
         self._instances: list[Image.Image] | None = None
+        self.picture_buckets: list[Bucket] | None = None  # each instance picture's bucket (with buckets, after setup)
 
     @property
     def prior_preservation(self) -> bool:
@@ -320,10 +409,25 @@ class DreamBoothDataModule(lightning.LightningDataModule):
             self.class_paths = self._class_images()  # made by prepare_data: here they are found
         if self._instances is None:
             self._instances = [self._load(p) for p in self.paths]
-            small = sum(min(image.size) < self.resolution for image in self._instances)
-            if small:
-                logger.warning("%d of %d instance picture(s) are smaller than data.resolution=%d: upscaled (better "
-                               "pictures of at least that size)", small, len(self._instances), self.resolution)
+            if self.bucket_list is None:
+                small = sum(min(image.size) < self.resolution for image in self._instances)
+                if small:
+                    logger.warning("%d of %d instance picture(s) are smaller than data.resolution=%d: upscaled "
+                                   "(better pictures of at least that size)", small, len(self._instances),
+                                   self.resolution)
+            else:
+                self.picture_buckets = [nearest_bucket(image.size, self.bucket_list) for image in self._instances]
+                counts: dict[Bucket, int] = {}
+                for bucket in self.picture_buckets:
+                    counts[bucket] = counts.get(bucket, 0) + 1
+                logger.info("instance pictures by bucket (width x height: pictures): %s", ", ".join(
+                    f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items(), key=lambda kv: kv[0][0] / kv[0][1])))
+                small = sum(image.size[0] < w or image.size[1] < h
+                            for image, (w, h) in zip(self._instances, self.picture_buckets, strict=True))
+                if small:
+                    logger.warning("%d of %d instance picture(s) are smaller than their bucket (data.resolution=%d, "
+                                   "buckets): upscaled (better pictures of at least that size)", small,
+                                   len(self._instances), self.resolution)
         self._check_trigger_words()
 
     def _load(self, path: Path) -> Image.Image:
@@ -365,14 +469,18 @@ class DreamBoothDataModule(lightning.LightningDataModule):
         random_crop = not self.center_crop
         instances = _Pictures(self._instances, self.captions, self.seed, _INSTANCE, self.resolution, random_crop,
                               self.random_flip)
+        schedule = None
+        if self.picture_buckets is not None:
+            schedule = _BucketSchedule(self.picture_buckets, self.batch_size, self.seed)
         classes = None
         if self.class_paths is not None:
             from ldm.dreambooth import class_captions
 
+            # with buckets the (square) class pictures are centre-cropped to the batch's bucket
             classes = _Pictures(list(self.class_paths), class_captions(self.class_paths), self.seed, _CLASS,
-                                self.resolution, random_crop, self.random_flip)
+                                self.resolution, random_crop and schedule is None, self.random_flip)
         rank, world_size = self._rank_and_world_size()
-        return _Batches(instances, classes, self.batch_size, rank, world_size, self.tokenizer)
+        return _Batches(instances, classes, self.batch_size, rank, world_size, self.tokenizer, schedule)
 
     def train_dataloader(self) -> DreamBoothLoader:
         return DreamBoothLoader(self.batches(), self.num_workers, self._start_batch)
