@@ -39,11 +39,12 @@ from ldm.lightning.module import LatentDiffusion
 REPO = Path(__file__).resolve().parent.parent
 INSTANCE, CLASS = "a photo of sks dog", "a photo of dog"
 NUM_CLASS = 3
-# the tiny model at 32 px; the class pictures sampled in 2 steps
+# the tiny model at 32 px squares (experiment=dreambooth's aspect-ratio buckets: test_dreambooth_buckets.py); the
+# class pictures sampled in 2 steps
 TINY = [
     "model=tiny", "trainer=cpu", "logger=csv", "module.compile=false", "module.channels_last=false",
-    "data.resolution=32", "data.num_workers=0", f"data.num_class_images={NUM_CLASS}", "data.class_steps=2",
-    "data.class_batch_size=2", "data.class_guidance_scale=3.0", "callbacks.sample_images=null",
+    "data.resolution=32", "data.buckets=false", "data.num_workers=0", f"data.num_class_images={NUM_CLASS}",
+    "data.class_steps=2", "data.class_batch_size=2", "data.class_guidance_scale=3.0", "callbacks.sample_images=null",
 ]
 
 
