@@ -1,0 +1,34 @@
+"""benchmarks/train_throughput.py runs at a small size on the CPU: every row of its table, with FLOPs and MFU."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
+
+
+def test_the_training_benchmark_prints_its_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--model", "tiny", "--size", "32", "--batch", "2", "--steps", "1",
+                                      "--device", "cpu"])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    out = capsys.readouterr().out
+    flops = re.search(r"model FLOPs a step: ([0-9.]+) GFLOP .*diffusers counted ([0-9.]+)\); dense matmul here: "
+                      r"([0-9.]+) TFLOP/s", out)
+    assert flops, out
+    # the same architecture: the flop counter finds the same work in both UNets
+    assert float(flops[1]) > 0 and float(flops[1]) == pytest.approx(float(flops[2]), rel=0.01), out
+    assert float(flops[3]) > 0, out
+    rows = re.findall(r"^(ldm \(ours\)|diffusers)\s+(True|False)\s+(True|False)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.e-]+)"
+                      r"\s+([0-9.]+)%", out, re.M)
+    # CPU defaults: eager only, with and without gradient checkpointing, EMA on
+    assert {(r[0], r[1], r[2]) for r in rows} == {
+        (impl, "False", ckpt) for impl in ("ldm (ours)", "diffusers") for ckpt in ("False", "True")}, out
+    for _, _, _, seconds, images, tflops, mfu in rows:
+        assert float(seconds) > 0 and float(images) == pytest.approx(2 / float(seconds), rel=0.05), out
+        assert float(tflops) > 0 and 0 < float(mfu) <= 100, out
+    assert "AdamW + EMA" in out and out.count("ours / diffusers speed") == 2, out
