@@ -3,9 +3,9 @@
 # gpu-marked tests (training steps under torch.cuda.set_sync_debug_mode("error")), the training checks and
 # the benchmarks on the GPU, each printing its table; logs go to $OUT.
 #   device run: bash benchmarks/device_run.sh   (carry: .whl, from benchmarks/device_wheels.sh)
-# Issue 10 item 5's benchmarks that exist are run here: train_throughput.py, sample_latency.py and
-# data_throughput.py (the input pipeline, on the device machine's 16 cores). Not written yet: the end-to-end
-# train.py row.
+# Issue 10 item 5's benchmarks, each a table: train_throughput.py (the bare step, ours and diffusers', eager and
+# compiled, MFU), sample_latency.py, data_throughput.py (the input pipeline, on the device machine's 16 cores)
+# and, last (the longest), train_e2e.py (train.py from cached latents and from raw shards beside the bare step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ldm-device-out}
@@ -31,4 +31,5 @@ python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt" || status=1
 python3 benchmarks/train_throughput.py 2>&1 | tee "$OUT/train_throughput.txt" || status=1
 python3 benchmarks/sample_latency.py --compile 2>&1 | tee "$OUT/sample_latency.txt" || status=1
 python3 benchmarks/data_throughput.py --workers 1 4 2>&1 | tee "$OUT/data_throughput.txt" || status=1
+python3 benchmarks/train_e2e.py 2>&1 | tee "$OUT/train_e2e.txt" || status=1
 exit $status
