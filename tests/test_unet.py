@@ -197,22 +197,31 @@ def test_vector_condition_is_required_exactly_when_configured():
 
 
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_gradients():
+    """Diffusers' grain: res blocks and transformer blocks are recomputed in backward, the layers between them
+    (a transformer's norm and projections, up- and downsampling) are not."""
     model = randomize_(UNetModel(**TINY)).train()
     batch = inputs(TINY)
-    calls = []
-    model.middle_block[0].register_forward_hook(lambda *_: calls.append(1))
+    middle = model.middle_block
+    watched = {"res block": middle[0], "transformer block": middle[1].transformer_blocks[0],
+               "transformer norm": middle[1].norm, "transformer proj_in": middle[1].proj_in,
+               "upsampling": next(m for m in model.output_blocks.modules() if type(m).__name__ == "Upsample")}
+    calls = {name: 0 for name in watched}
+    for name, module in watched.items():  # pre-hooks: a recompute stops once it has what backward needs
+        module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
 
     def grads(enabled: bool) -> list[torch.Tensor]:
         model.set_gradient_checkpointing(enabled)
         model.zero_grad()
-        calls.clear()
+        calls.update(dict.fromkeys(calls, 0))
         model(batch["x"], torch.tensor([5, 700]), batch["context"]).square().mean().backward()
         return [p.grad.clone() for p in model.parameters()]
 
     plain = grads(False)
-    assert len(calls) == 1
+    assert set(calls.values()) == {1}, calls
     checkpointed = grads(True)
-    assert len(calls) == 2  # once forward, once recomputed in backward
+    # once forward, once recomputed in backward; the cheap layers between kept their activations
+    assert calls == {"res block": 2, "transformer block": 2, "transformer norm": 1, "transformer proj_in": 1,
+                     "upsampling": 1}, calls
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(plain, checkpointed, strict=True))
 
 
