@@ -13,6 +13,27 @@ on cached latents takes the steps a run on the images would take, minus the enco
 caching (centre crop); flips too, unless `--flip`. `OUT/cache.json` records the autoencoder's fingerprint,
 and train.py refuses latents made by another autoencoder.
 
+Speed: `--workers N` DataLoader processes decode and crop the source shards while this process encodes (default:
+up to 4, this process's share of the CPUs; 0 decodes here). Each source shard is read whole by one worker and its
+latent shard written from its batches alone, so the output is the same for any N (the same samples in the same
+order, the same skip counts). A latent shard is written under a temporary name (`.NAME.tmp`) and renamed when
+whole: an interrupted run leaves whole shards only; run it again with --overwrite. `--precision` runs the
+autoencoder's encode under torch.autocast of bf16 (the default on a GPU that has it), fp16, or none (fp32, the
+default on the CPU); the moments are made float32 before they are stored in `--dtype`, and cache.json records the
+precision. A bf16-mixed training run on the images encodes under the same bf16 autocast; bit for bit equal steps
+(above) hold at fp32. fp16 can overflow in some autoencoders: a batch of non-finite moments stops the run, with
+what to use instead. The text encoder (`--text`) always runs in float32: a caption is 77 tokens, a small share of
+the work beside the autoencoder's, and float32 contexts are what a 32-true run computes (a bf16-mixed run's own
+differ by bf16's rounding).
+
+Every GPU of a node: start it under torchrun. Rank r encodes shards r::world_size on cuda:LOCAL_RANK (`--device
+cuda`, the default on a GPU machine), each rank with its own `--workers`; rank 0 writes cache.json, counting every
+rank's samples and skips, once all ranks are done (they exchange the counts over gloo, so no GPU collective runs).
+On several nodes (torchrun's --nnodes and rendezvous) OUT must be one shared folder. Without torchrun: one process.
+
+    torchrun --standalone --nproc-per-node=8 -m ldm.data.cache_latents v1-5-pruned.safetensors \\
+        'shards/{000000..000099}.tar' latents/ --resolution 512 --flip
+
 Flips (`--flip`, as kohya's latent cache for flip_aug): each sample also gets `moments_flip.npy`, the moments
 of its mirrored crop (the mirrored picture encoded: the autoencoder is not mirror-symmetric, so mirroring the
 latents would not do), and `cond_moments_flip.npy` with `--cond-image-key`; class maps (`--seg-key`) are
@@ -58,31 +79,38 @@ same data.cond_image_key or data.seg_key. Samples without them are skipped and c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import sys
+import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.checkpoint import (
     TEXT_PREFIX,
     VAE_PREFIX,
     CheckpointError,
+    atomic_write,
     parameters_on_meta,
     read_checkpoint,
     read_tensor_file,
 )
 from ldm.data.webdataset import (
+    _STATE,
     CACHE_INFO,
     COND_MOMENTS_FLIP_KEY,
     COND_MOMENTS_KEY,
@@ -98,9 +126,14 @@ from ldm.data.webdataset import (
 )
 from ldm.models.autoencoder import AutoencoderKL
 
-__all__ = ["CACHE_INFO", "cache_latents", "fingerprint", "load_autoencoder", "load_encoders", "main", "read_cache_info"]
+__all__ = ["CACHE_INFO", "cache_latents", "default_workers", "fingerprint", "load_autoencoder", "load_encoders", "main", "read_cache_info"]
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
+# the autoencoder's encode runs under torch.autocast of this dtype (fp32: no autocast); moments are stored in DTYPES
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# ranks wait for the slowest at the end (its last shard): far longer than torch's 30 min default may pass; a
+# rank that fails ends the others through torchrun, not through this timeout
+BARRIER_TIMEOUT = timedelta(hours=24)
 EMPTY_CONTEXT = "empty_context.npy"  # in OUT with --text: the empty prompt's context, which caption dropout puts in
 
 
@@ -207,20 +240,33 @@ def cache_latents(
     bucket_max_ratio: float = 2.0,
     flip: bool = False,
     text: bool = False,
+    workers: int = 0,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Write one latent shard per source shard into `out_dir`; returns what `cache.json` records.
 
     `cond_image_key` adds the conditioning picture's moments, `seg_key` the cropped class map (see the
     module docstring); `num_classes` skips maps with larger labels. `flip` adds the moments of each mirrored
-    crop (and of its mirrored conditioning picture), `text` each caption's text-encoder output.
+    crop (and of its mirrored conditioning picture), `text` each caption's text-encoder output. `workers`
+    DataLoader processes decode and crop the shards (0: this process does), `precision` is the autocast dtype
+    of the autoencoder's encode (None: bf16 on a GPU that has it, else fp32). In a torch.distributed process
+    group (torchrun) this rank encodes shards rank::world_size, "cuda" means cuda:LOCAL_RANK, and rank 0 writes
+    cache.json, with every rank's counts, once all are done; every rank returns the totals.
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"--workers must be 0 (decode in this process) or more, got {workers!r}")
     if num_classes is not None and seg_key is None:
         raise ValueError("--num-classes filters class maps: it needs --seg-key")
     _check_conditioning(cond_image_key, seg_key, num_classes)
     flag = lambda setting: "--" + setting.replace("_", "-")  # noqa: E731 - errors in this tool's flags
     bucket_list = tuple(_check_buckets(resolution, bucket_step, bucket_max_ratio, None, flag)) if buckets else None
+    rank, world_size = _rank_and_world()
+    target = _rank_device(device, world_size)
+    if target.type == "cuda" and target.index is not None:
+        torch.cuda.set_device(target)  # so the DataLoader's pinning thread works on this rank's GPU, not on GPU 0
+    precision = _check_precision(precision, target)
     # webdataset lower-cases extensions, as WebDataModule does with these keys
     cond_image_key = cond_image_key.lower() if cond_image_key else None
     seg_key = seg_key.lower() if seg_key else None
@@ -232,37 +278,44 @@ def cache_latents(
         raise FileExistsError(f"{out_dir} already holds {len(existing)} of these shards; pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
     vae, text_encoder = load_encoders(ckpt, text)
-    vae = vae.to(device)
+    vae = vae.to(target)
+    _barrier(world_size)  # every rank has looked for existing shards before any writes one
     text_info = None
-    (out_dir / EMPTY_CONTEXT).unlink(missing_ok=True)  # a run with --text into this folder before: not this cache's
+    if rank == 0:
+        (out_dir / EMPTY_CONTEXT).unlink(missing_ok=True)  # a run with --text into this folder before: not this cache's
     if text_encoder is not None:
-        text_encoder = text_encoder.to(device)
-        # the empty prompt's context once (caption dropout's), before the shards: cache.json names it
-        empty = _contexts(text_encoder, [""], DTYPES[dtype])[0]
-        tmp = out_dir / f".{EMPTY_CONTEXT}.tmp"
-        tmp.write_bytes(empty)
-        os.replace(tmp, out_dir / EMPTY_CONTEXT)
+        text_encoder = text_encoder.to(target)
+        if rank == 0:  # the empty prompt's context once (caption dropout's), before the shards: cache.json names it
+            empty = _contexts(text_encoder, [""], DTYPES[dtype])[0]
+            atomic_write(out_dir / EMPTY_CONTEXT, lambda tmp: tmp.write_bytes(empty))
         text_info = {
             "empty_context": EMPTY_CONTEXT,
             "text_encoder_fingerprint": fingerprint(text_encoder),
             "max_length": text_encoder.tokenizer.max_length,
             "context_dim": text_encoder.output_dim,
         }
-    encoders = _Encoders(vae, text_encoder, flip, DTYPES[dtype])
-    skipped: Counter[str] = Counter()
-    written = 0
-    for url, name in zip(urls, names, strict=True):
-        spec = _StreamSpec(
+    encoders = _Encoders(vae, text_encoder, flip, DTYPES[dtype], PRECISIONS[precision])
+    specs = [
+        _StreamSpec(
             urls=[url], batch_size=batch_size, resolution=resolution, random_crop=False, random_flip=False,
             caption_key=caption_key, min_size=0, shuffle_buffer=0, resampled=False, rank=0, world_size=1,
             cond_image_key=cond_image_key, seg_key=seg_key, num_classes=num_classes, buckets=bucket_list,
         )
-        written += _cache_shard(encoders, spec, out_dir / name, skipped)
+        for url in urls
+    ]
+    mine = list(range(len(urls)))[rank::world_size]  # this rank's shards: each read whole, as one process reads it
+    skipped: Counter[str] = Counter()
+    written = _cache_shards(encoders, [(i, specs[i], out_dir / names[i]) for i in mine], workers, skipped)
+    if world_size > 1:  # waits for every rank to finish its shards
+        counts: list[Any] = [None] * world_size
+        dist.all_gather_object(counts, (written, dict(skipped)))
+        written, skipped = sum(n for n, _ in counts), sum((Counter(s) for _, s in counts), Counter())
     info = {
         "first_stage_fingerprint": fingerprint(vae),
         "latent_channels": vae.embed_dim,
         "resolution": resolution,
         "dtype": dtype,
+        "precision": precision,  # the autoencoder's autocast when encoding (the text encoder runs in fp32)
         "cond_image_key": cond_image_key,
         "seg_key": seg_key,
         "buckets": {"step": bucket_step, "max_ratio": bucket_max_ratio} if buckets else None,
@@ -273,8 +326,78 @@ def cache_latents(
         "source": [str(u) for u in urls],
         "checkpoint": str(ckpt),
     }
-    (out_dir / CACHE_INFO).write_text(json.dumps(info, indent=2))
+    if rank == 0:
+        atomic_write(out_dir / CACHE_INFO, lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
+    _barrier(world_size)  # no rank returns before cache.json is there
     return info
+
+
+def default_workers() -> int:
+    """DataLoader workers per process: up to 4, this process's share of the CPUs it may run on (torchrun
+    starts LOCAL_WORLD_SIZE processes a node)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def _rank_device(device: str, world_size: int) -> torch.device:
+    """The device this process encodes on: with several ranks, "cuda" is cuda:LOCAL_RANK."""
+    try:
+        target = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r}: {exc}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA GPU here; pass --device cpu")
+    if world_size > 1 and target.type == "cuda":
+        if target.index is not None:
+            raise ValueError(f"--device {device}: under torchrun each rank encodes on cuda:LOCAL_RANK; pass --device cuda")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local} has no GPU: this node has {torch.cuda.device_count()}; "
+                             "start at most that many processes a node (--nproc-per-node)")
+        target = torch.device("cuda", local)
+    return target
+
+
+def _check_precision(precision: str | None, device: torch.device) -> str:
+    """--precision checked on the device (None: bf16 on a GPU with bfloat16, else fp32)."""
+    if precision is None:
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return precision
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--precision bf16: this GPU has no bfloat16; use --precision fp16 or fp32")
+    # torch turns autocast off, with a warning only, for a dtype a device's autocast lacks: tried here instead
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            probe = torch.nn.Conv2d(1, 1, 1).to(device)
+            with _autocast(device, PRECISIONS[precision]):
+                ran = probe(torch.zeros(1, 1, 1, 1, device=device)).dtype
+        except RuntimeError:
+            ran = None
+    if ran != PRECISIONS[precision]:
+        raise ValueError(f"--precision {precision}: torch {torch.__version__} has no {precision} autocast on "
+                         f"{device.type}; use --precision fp32")
+    return precision
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _shard_name(url: str, index: int) -> str:
@@ -288,14 +411,25 @@ class _Encoders:
     text_encoder: torch.nn.Module | None  # --text
     flip: bool  # --flip
     dtype: type  # storage of what is written
+    autocast: torch.dtype = torch.float32  # --precision of the autoencoder's encode
 
 
-def _encoded(vae: AutoencoderKL, images: torch.Tensor, dtype: type) -> list[bytes]:
-    """Each image's posterior mean and log-variance, as .npy bytes."""
+def _encoded(vae: AutoencoderKL, images: torch.Tensor, dtype: type, autocast: torch.dtype = torch.float32) -> list[bytes]:
+    """Each image's posterior mean and log-variance, as .npy bytes (encoded under autocast of `autocast`, the
+    moments then float32 before they are cast to the storage dtype)."""
     param = next(vae.parameters())
-    posterior = vae.encode(images.to(device=param.device, dtype=param.dtype))
-    moments = torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu().numpy()
+    with _autocast(param.device, autocast):
+        posterior = vae.encode(images.to(device=param.device, dtype=param.dtype))
+        moments = torch.cat([posterior.mean, posterior.logvar], dim=1)
+    moments = moments.float().cpu().numpy()
+    if not np.isfinite(moments).all():
+        raise ValueError(f"the autoencoder gave non-finite latents under --precision {_name(autocast)}"
+                         + ("; try --precision bf16 or fp32" if autocast == torch.float16 else ""))
     return [_npy(m.astype(dtype)) for m in moments]
+
+
+def _name(autocast: torch.dtype) -> str:
+    return next(name for name, d in PRECISIONS.items() if d == autocast)
 
 
 def _mirrored(images: torch.Tensor) -> torch.Tensor:
@@ -305,44 +439,128 @@ def _mirrored(images: torch.Tensor) -> torch.Tensor:
 
 def _contexts(text_encoder: torch.nn.Module, captions: list[str], dtype: type) -> list[bytes]:
     """Each caption's cross-attention context (tokens x width) as .npy bytes: what LatentDiffusion's text
-    conditioner gives for it, `cond_stage_model.encode` of the model's own tokenization."""
+    conditioner gives for it, `cond_stage_model.encode` of the model's own tokenization (in float32, whatever
+    --precision)."""
     device = next(text_encoder.parameters()).device
     context = text_encoder.encode(text_encoder.tokenize(captions).to(device)).float().cpu().numpy()
     return [_npy(c.astype(dtype)) for c in context]
 
 
-def _cache_shard(encoders: _Encoders, spec: _StreamSpec, path: Path, skipped: Counter[str]) -> int:
-    vae, dtype = encoders.vae, encoders.dtype
-    tmp = path.with_name(f".{path.name}.tmp")
+class _Shards(IterableDataset):
+    """Whole shards as batches: `(index, batch)` for each of a shard's batches, in its order, then `(index, None)`
+    when it ends. Each shard is read by one _ShardStream of its own (one worker, one pass, seed 0), as a run in
+    one process reads it, so its batches, crops and skips are the same wherever it is decoded; in DataLoader
+    worker w of n, the shards w::n."""
+
+    def __init__(self, shards: list[tuple[int, _StreamSpec]]) -> None:
+        super().__init__()
+        self.shards = shards
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        info = get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
+        for index, spec in mine:
+            # the stream played as worker 0 of 1 in any DataLoader worker: the shard whole, in order
+            for batch in _ShardStream(spec, seed=0)._batches(0, 0, 1, None):
+                batch.pop(_STATE, None)  # positions to resume a training pass from: not needed here
+                batch.pop("dropped", None)
+                yield index, batch
+            yield index, None
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class _ShardWriter:
+    """One latent shard written under a temporary name, renamed when complete: an interrupted run leaves no
+    half shard (`abort` removes it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
+        self.sink = wds.TarWriter(str(self.tmp), encoder=False)
+        self.count = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self.sink.write(sample)
+        self.count += 1
+
+    def commit(self) -> int:
+        self.sink.close()
+        os.replace(self.tmp, self.path)
+        return self.count
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.sink.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _cache_shards(
+    encoders: _Encoders, shards: list[tuple[int, _StreamSpec, Path]], workers: int, skipped: Counter[str]
+) -> int:
+    """Encode `shards` (index, spec, output path): decoded in `workers` DataLoader processes (0: here), each
+    output shard written from its own stream's batches while other shards' batches come in between."""
+    if not shards:
+        return 0
+    specs, paths = {i: spec for i, spec, _ in shards}, {i: path for i, _, path in shards}
+    dataset = _Shards([(i, spec) for i, spec, _ in shards])
+    workers = min(workers, len(shards))
+    device = next(encoders.vae.parameters()).device
+    items: Any = iter(dataset) if workers == 0 else iter(DataLoader(
+        dataset, batch_size=None, num_workers=workers, collate_fn=_as_is, pin_memory=device.type == "cuda",
+    ))
+    writers: dict[int, _ShardWriter] = {}
     count = 0
     try:
-        with wds.TarWriter(str(tmp), encoder=False) as sink:
-            for batch in _ShardStream(spec, seed=0):
-                skipped.update(batch["skipped"])
-                if "image" not in batch:
-                    continue
-                columns = {MOMENTS_KEY: _encoded(vae, batch["image"], dtype)}
-                if encoders.flip:  # the mirrored picture encoded: the autoencoder is not mirror-symmetric
-                    columns[MOMENTS_FLIP_KEY] = _encoded(vae, _mirrored(batch["image"]), dtype)
-                if spec.cond_image_key:
-                    columns[COND_MOMENTS_KEY] = _encoded(vae, batch["cond_image"], dtype)
-                    if encoders.flip:
-                        columns[COND_MOMENTS_FLIP_KEY] = _encoded(vae, _mirrored(batch["cond_image"]), dtype)
-                if spec.seg_key:  # one copy: a label map is mirrored as it is read (data.random_flip)
-                    columns[spec.seg_key] = [_label_png(labels) for labels in batch["seg"]]
-                if encoders.text_encoder is not None:
-                    columns[CONTEXT_KEY] = _contexts(encoders.text_encoder, batch["caption"], dtype)
-                for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"], strict=True)):
-                    members = {name: values[i] for name, values in columns.items()}
-                    if spec.seg_key and members[spec.seg_key] is None:
-                        skipped["label above 65535"] += 1
-                        continue
-                    sink.write({"__key__": key, **members, **_caption_member(spec.caption_key, caption)})
-                    count += 1
-        os.replace(tmp, path)
+        for index, batch in items:
+            if index not in writers:
+                writers[index] = _ShardWriter(paths[index])
+            if batch is None:  # the shard's end
+                count += writers.pop(index).commit()
+                continue
+            skipped.update(batch["skipped"])
+            if "image" in batch:
+                _write_batch(encoders, specs[index], batch, writers[index], skipped)
     finally:
-        tmp.unlink(missing_ok=True)
+        for writer in writers.values():
+            writer.abort()
+        if hasattr(items, "_shutdown_workers"):  # a failure: stop the workers now, not when the iterator is freed
+            items._shutdown_workers()
     return count
+
+
+def _write_batch(
+    encoders: _Encoders, spec: _StreamSpec, batch: dict[str, Any], writer: _ShardWriter, skipped: Counter[str]
+) -> None:
+    vae, dtype, autocast = encoders.vae, encoders.dtype, encoders.autocast
+    columns = {MOMENTS_KEY: _encoded(vae, batch["image"], dtype, autocast)}
+    if encoders.flip:  # the mirrored picture encoded: the autoencoder is not mirror-symmetric
+        columns[MOMENTS_FLIP_KEY] = _encoded(vae, _mirrored(batch["image"]), dtype, autocast)
+    if spec.cond_image_key:
+        columns[COND_MOMENTS_KEY] = _encoded(vae, batch["cond_image"], dtype, autocast)
+        if encoders.flip:
+            columns[COND_MOMENTS_FLIP_KEY] = _encoded(vae, _mirrored(batch["cond_image"]), dtype, autocast)
+    if spec.seg_key:  # one copy: a label map is mirrored as it is read (data.random_flip)
+        columns[spec.seg_key] = [_label_png(labels) for labels in batch["seg"]]
+    if encoders.text_encoder is not None:
+        columns[CONTEXT_KEY] = _contexts(encoders.text_encoder, batch["caption"], dtype)
+    for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"], strict=True)):
+        members = {name: values[i] for name, values in columns.items()}
+        if spec.seg_key and members[spec.seg_key] is None:
+            skipped["label above 65535"] += 1
+            continue
+        writer.write({"__key__": key, **members, **_caption_member(spec.caption_key, caption)})
+
+
+def _workers(value: str) -> int:
+    try:
+        workers = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+    if workers < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (decode in this process) or more, got {workers}")
+    return workers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -352,8 +570,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", help="folder for the latent shards and cache.json")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="under torchrun, cuda is each rank's cuda:LOCAL_RANK")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="storage of the moments")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS),
+                        help="autocast dtype of the autoencoder's encode (default: bf16 on a GPU, fp32 on the CPU)")
+    parser.add_argument("--workers", type=_workers, default=default_workers(),
+                        help="DataLoader processes decoding and cropping the shards while the autoencoder encodes "
+                             "(0: in this process; default: %(default)s)")
     parser.add_argument("--caption-key", default="txt")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--cond-image-key", help="edit pairs: the before picture's key (e.g. src.jpg)")
@@ -369,17 +593,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also store each caption's text-encoder output (context.npy), from CKPT's text encoder, "
                              "so training does not run it")
     args = parser.parse_args(argv)
+    started = _init_distributed()
     try:
-        info = cache_latents(
-            args.ckpt, args.src, args.out, args.resolution, args.batch_size, args.device, args.dtype,
-            args.caption_key, args.overwrite, args.cond_image_key, args.seg_key, args.num_classes,
-            args.buckets, args.bucket_step, args.bucket_max_ratio, args.flip, args.text,
-        )
-    except (OSError, ValueError, CheckpointError) as exc:
-        parser.error(str(exc))
-    skipped = ", ".join(f"{n} {reason}" for reason, n in info["skipped"].items()) or "none"
-    print(f"cached {info['samples']} samples from {len(info['source'])} shard(s) into {args.out} (skipped: {skipped})")
+        rank, world_size = _rank_and_world()
+        try:
+            info = cache_latents(
+                args.ckpt, args.src, args.out, args.resolution, args.batch_size, args.device, args.dtype,
+                args.caption_key, args.overwrite, args.cond_image_key, args.seg_key, args.num_classes,
+                args.buckets, args.bucket_step, args.bucket_max_ratio, args.flip, args.text, args.workers,
+                args.precision,
+            )
+        except (OSError, ValueError, CheckpointError) as exc:
+            parser.error(str(exc) if world_size == 1 else f"rank {rank}: {exc}")
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if rank == 0:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in info["skipped"].items()) or "none"
+        processes = f" on {world_size} processes" if world_size > 1 else ""
+        print(f"cached {info['samples']} samples from {len(info['source'])} shard(s) into {args.out}{processes} "
+              f"(skipped: {skipped})")
     return 0 if info["samples"] else 1
+
+
+def _init_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join its process group; gloo, as the ranks exchange a few counts only.
+    True when this call started it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    return True
 
 
 if __name__ == "__main__":
