@@ -107,7 +107,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.buckets import Bucket, BucketQueue, bucket_sizes, nearest_bucket
-from ldm.data.transforms import apply_crop, decode_label_map, plan_cover_crop, to_tensor
+from ldm.data.transforms import CropPlan, apply_crop, decode_label_map, plan_cover_crop, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,9 @@ CONTEXT_KEY = "context.npy"  # the text encoder's output for the caption (ldm-ca
 CACHE_INFO = "cache.json"  # beside latent shards: what ldm-cache-latents made them with
 WARN_INTERVAL_S = 60.0
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# data.decoder: "pil" (PIL decode, bicubic resize), "pil_draft" (libjpeg's reduced-size DCT decode first),
+# "torchvision" (torchvision.io's libjpeg-turbo decode, antialiased bicubic tensor resize)
+DECODERS = ("pil", "pil_draft", "torchvision")
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
 
 
@@ -262,6 +265,7 @@ class _StreamSpec:
     bucket_buffer: int | None = None
     # captions -> token ids (the training model's tokenizer), run in the workers: batches get `input_ids`
     tokenizer: Callable[[list[str]], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    decoder: str = "pil"  # how JPEGs are decoded and resized: one of DECODERS
 
 
 def _tar_samples(url: str, handler: _ShardErrorHandler) -> Generator[dict[str, Any], None, None]:
@@ -579,13 +583,18 @@ class _ShardStream(IterableDataset):
         if self.spec.latents:
             return self._cached(raw, caption, rng)
         spec = self.spec
-        rgb = self._image(raw)
-        # everything is decoded and checked before the random draw (each sample has draws of its own)
+
+        def plan_for(size: tuple[int, int]) -> CropPlan:
+            # from the picture's full size, read from its header before decoding (a draft decode needs it);
+            # each sample has draws of its own, so drawing before the checks below changes no other sample's
+            target = (spec.resolution, spec.resolution) if spec.buckets is None else nearest_bucket(size, spec.buckets)
+            return plan_cover_crop(size, target, spec.random_crop, spec.random_flip, rng)
+
+        image, plan = self._image(raw, plan_for)
+        target = plan.box[2] - plan.box[0], plan.box[3] - plan.box[1]
         cond = _cond_image(raw, spec.cond_image_key) if spec.cond_image_key else None
         seg = _seg_map(raw, spec.seg_key, spec.num_classes) if spec.seg_key else None
-        target = (spec.resolution, spec.resolution) if spec.buckets is None else nearest_bucket(rgb.size, spec.buckets)
-        plan = plan_cover_crop(rgb.size, target, spec.random_crop, spec.random_flip, rng)
-        sample = {"image": to_tensor(apply_crop(rgb, plan)), "caption": caption, "key": raw["__key__"], "bucket": target}
+        sample = {"image": image, "caption": caption, "key": raw["__key__"], "bucket": target}
         if cond is not None:
             sample["cond_image"] = to_tensor(apply_crop(cond, plan))
         if seg is not None:
@@ -632,21 +641,55 @@ class _ShardStream(IterableDataset):
             sample["context"] = _context(raw)
         return sample
 
-    def _image(self, raw: dict[str, Any]) -> Image.Image:
+    def _image(
+        self, raw: dict[str, Any], plan_for: Callable[[tuple[int, int]], CropPlan]
+    ) -> tuple[torch.Tensor, CropPlan]:
+        """The sample's picture resized, cropped and flipped as `plan_for(its full size)` says, as a 3xHxW
+        tensor in [-1, 1], decoded by `spec.decoder`; and the plan (its conditioning follows it)."""
         data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
         if data is None:
             raise _SkipSample("no image", f"(keys {sorted(raw)})")
         try:
-            with Image.open(BytesIO(data)) as image:
+            with Image.open(BytesIO(data)) as image:  # reads the header only
                 if min(image.size) < self.spec.min_size:
                     raise _SkipSample(
                         "too small", f"({image.size[0]}x{image.size[1]} < {self.spec.min_size})"
                     )
-                return image.convert("RGB")  # decodes fully: truncated files fail here
+                plan = plan_for(image.size)
+                if self.spec.decoder == "torchvision" and image.format == "JPEG" and image.mode in ("RGB", "L"):
+                    return _torchvision_crop(data, plan), plan
+                if self.spec.decoder == "pil_draft" and image.format == "JPEG":
+                    # libjpeg decodes at the smallest DCT scale (1/8, 1/4, 1/2) still >= the planned size on
+                    # both sides; apply_crop then resizes that to the planned size, as it does the full picture
+                    image.draft("RGB", plan.size)
+                rgb = image.convert("RGB")  # decodes fully: truncated files fail here
         except _DECODE_ERRORS as exc:
             reason = _image_error(exc)
             detail = f"({len(data)} bytes: {data[:16]!r}...)" if reason == "not an image" else f"({exc})"
             raise _SkipSample(reason, detail) from exc
+        return to_tensor(apply_crop(rgb, plan)), plan
+
+
+def _torchvision_crop(data: bytes, plan: CropPlan) -> torch.Tensor:
+    """A JPEG decoded by torchvision.io (libjpeg-turbo), resized to the plan's size (bicubic with antialias,
+    PIL's filter), cropped and flipped as planned: `to_tensor(apply_crop(...))`'s tensor within a rounding."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    try:
+        image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:  # "Image is incomplete or truncated", "Not a JPEG file: ..."
+        reason = "truncated image" if "truncated" in str(exc).lower() else "unreadable image"
+        raise _SkipSample(reason, f"({str(exc).splitlines()[-1].split(', ')[-1]})") from exc
+    width, height = plan.size
+    if tuple(image.shape[1:]) != (height, width):
+        image = F.resize(image, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    left, top, right, bottom = plan.box
+    image = image[:, top:bottom, left:right]
+    if plan.flip:
+        image = image.flip(-1)
+    return image.float().div(127.5).sub(1.0)
 
 
 def _image_error(exc: BaseException) -> str:
@@ -988,6 +1031,17 @@ def workers_can_take(tokenizer: Callable[[list[str]], torch.Tensor], num_workers
     return True
 
 
+def _check_decoder(decoder: str) -> None:
+    if decoder not in DECODERS:
+        raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}; got {decoder!r}")
+    if decoder == "torchvision":
+        try:
+            import torchvision.io  # noqa: F401
+            import torchvision.transforms.v2  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(f"data.decoder=torchvision needs torchvision ({exc}): install it, or use pil_draft") from exc
+
+
 def _check_conditioning(cond_image_key: str | None, seg_key: str | None, num_classes: int | None) -> None:
     for name, key in (("cond_image_key", cond_image_key), ("seg_key", seg_key)):
         if key is not None and (not key or key.lower() == "__key__" or key.lower() in IMAGE_KEYS):
@@ -1095,8 +1149,10 @@ class WebDataModule(lightning.LightningDataModule):
         bucket_max_ratio: float = 2.0,
         bucket_buffer: int | None = None,
         cached_text: bool | None = None,
+        decoder: str = "pil",
     ) -> None:
         super().__init__()
+        _check_decoder(decoder)
         if cached_text and not latents:
             raise ValueError(
                 "data.cached_text=true takes the text contexts of latent shards (ldm-cache-latents --text): "
@@ -1142,6 +1198,7 @@ class WebDataModule(lightning.LightningDataModule):
         self.cond_image_key = cond_image_key.lower() if cond_image_key else None
         self.seg_key = seg_key.lower() if seg_key else None
         self.num_classes = num_classes
+        self.decoder = decoder
         self.skipped_samples: Counter[str] = Counter()
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
@@ -1203,6 +1260,7 @@ class WebDataModule(lightning.LightningDataModule):
             buckets=None if self.bucket_list is None else tuple(self.bucket_list),
             bucket_buffer=self.bucket_buffer,
             tokenizer=None if self.text_contexts and train else self.tokenizer,  # no text encoder reads the ids
+            decoder=self.decoder,
         )
 
     def _rank_and_world_size(self) -> tuple[int, int]:
