@@ -33,6 +33,16 @@ full (its fullest bucket) and at the end of a pass (what is left). Buckets are p
 `epoch_length` every rank still yields exactly that many batches. With `latents=True` batches group by the cached
 latents' shape (`ldm-cache-latents --buckets`); without buckets, latents of several shapes stop with one line.
 
+Decoding (`decoder`, settings' `data.decoder`): "pil" (default) decodes with PIL and resizes bicubic: the
+reference pixels. "pil_draft" first asks libjpeg (`Image.draft`) for the smallest DCT scale (1/2, 1/4, 1/8) whose
+picture still covers the planned resize, then resizes that as "pil" does (pixels about 1/255 off on average).
+"torchvision" decodes with torchvision.io's libjpeg-turbo `decode_jpeg` and resizes with an antialiased bicubic
+tensor resize, PIL's filter (pixels within a rounding of "pil"'s; torchvision 0.29 marks its image decoders
+deprecated in favour of TorchCodec). Under each the crop plan is made from the full size read from the picture's
+header (`min_size` is checked on it too) with the same random draws, so crops, flips, skips and a resume are the
+same; only JPEGs (for torchvision: RGB or grey ones) take the faster paths, other images, conditioning images and
+segmentation maps (nearest-resized labels) decode with PIL as under "pil".
+
 Shard specs: a brace pattern, a glob, a local path or folder of `.tar` files, a URL webdataset
 can open (`https://...`, `pipe:curl -s ...`), or a list of these. Local files are checked at
 `setup()`, so a typo fails before training starts.
