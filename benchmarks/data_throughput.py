@@ -6,8 +6,8 @@ decode-and-resize loop over the same files (issue 10, item 5).
 
 The shards hold photograph-sized JPEGs (`--source` px on the long side, 4:3, smooth colour fields with
 noise: JPEG sizes like photographs', not like flat synthetic shapes) written once to a temporary folder;
-cached-latent shards hold float16 moments of the matching latent size, as `ldm-cache-latents --dtype fp16`
-writes them. Rows:
+cached-latent shards hold float16 moments of the matching latent size (plain and mirrored), as
+`ldm-cache-latents --dtype fp16 --flip` writes them. Rows:
 
 - `bare PIL`: one process, each JPEG decoded with PIL and cover-resized and centre-cropped to the size by
   the project's own transform (`plan_crop`/`apply_crop`): what a worker cannot go faster than with PIL.
@@ -16,6 +16,8 @@ writes them. Rows:
 - `bare torchvision.io`: torchvision's libjpeg-turbo `decode_jpeg` and an antialiased tensor resize.
 - `loader raw`: WebDataModule's training loader (tar reading, shuffle buffer, decode, crop, flip,
   collation) with N workers; images/s per worker and its share of `bare PIL` per core.
+- `loader raw (pil_draft)`, `loader raw (torchvision)`: the same loader with `data.decoder=pil_draft` or
+  `data.decoder=torchvision` (the latter only where torchvision is installed).
 - `loader cached`: the same loader over cached-latent shards (no image decode at all).
 
 The issue's target: the loader delivers at least 90% of the bare decode-and-resize rate per core.
@@ -36,7 +38,7 @@ import torch
 from PIL import Image
 
 from ldm.data.transforms import apply_crop, plan_crop, to_tensor
-from ldm.data.webdataset import MOMENTS_KEY, WebDataModule
+from ldm.data.webdataset import MOMENTS_FLIP_KEY, MOMENTS_KEY, WebDataModule
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> bytes:
@@ -77,9 +79,10 @@ def write_latent_shards(folder: Path, images: int, size: int, per_shard: int) ->
         path = folder / f"latents{size}-{start // per_shard:06d}.tar"
         with tarfile.open(path, "w") as tar:
             for i in range(start, min(start + per_shard, images)):
-                buffer = io.BytesIO()
-                np.save(buffer, rng.standard_normal((8, size // 8, size // 8)).astype(np.float16))
-                _add(tar, f"{i:08d}.{MOMENTS_KEY}", buffer.getvalue())
+                for key in (MOMENTS_KEY, MOMENTS_FLIP_KEY):  # the loader flips: as `ldm-cache-latents --flip` writes
+                    buffer = io.BytesIO()
+                    np.save(buffer, rng.standard_normal((8, size // 8, size // 8)).astype(np.float16))
+                    _add(tar, f"{i:08d}.{key}", buffer.getvalue())
                 _add(tar, f"{i:08d}.txt", f"picture {i}".encode())
         paths.append(path)
     return paths
@@ -113,9 +116,9 @@ def bare_torchvision(jpegs: list[bytes], size: int) -> float | None:
     return len(jpegs) / (time.perf_counter() - start)
 
 
-def loader_rate(shards: list[Path], size: int, workers: int, batch: int, latents: bool) -> float:
+def loader_rate(shards: list[Path], size: int, workers: int, batch: int, latents: bool, decoder: str = "pil") -> float:
     dm = WebDataModule([str(p) for p in shards], batch_size=batch, num_workers=workers, resolution=size,
-                       random_flip=True, shuffle_buffer=100, latents=latents)
+                       random_flip=True, shuffle_buffer=100, latents=latents, decoder=decoder)
     dm.setup("fit")
     loader = dm.train_dataloader()
     seen, start = 0, None
@@ -153,18 +156,20 @@ def main() -> None:
             tv = bare_torchvision(jpegs, size)
             if tv is not None:
                 rows.append(("bare torchvision.io", size, 1, tv, tv, tv / base))
-            for workers in args.workers:
-                rate = loader_rate(shards, size, workers, args.batch, latents=False)
-                per = rate / max(workers, 1)  # 0 workers: the main process reads
-                rows.append(("loader raw", size, workers, rate, per, per / base))
+            for decoder in ("pil", "pil_draft") + (("torchvision",) if tv is not None else ()):
+                name = "loader raw" if decoder == "pil" else f"loader raw ({decoder})"
+                for workers in args.workers:
+                    rate = loader_rate(shards, size, workers, args.batch, latents=False, decoder=decoder)
+                    per = rate / max(workers, 1)  # 0 workers: the main process reads
+                    rows.append((name, size, workers, rate, per, per / base))
             cached = write_latent_shards(folder, args.images, size, per_shard=64)
             for workers in args.workers:
                 rate = loader_rate(cached, size, workers, args.batch, latents=True)
                 per = rate / max(workers, 1)
                 rows.append(("loader cached", size, workers, rate, per, per / base))
-    print(f"{'path':<22} {'px':>5} {'workers':>7} {'images/s':>10} {'per worker':>11} {'vs bare PIL':>12}")
+    print(f"{'path':<26} {'px':>5} {'workers':>7} {'images/s':>10} {'per worker':>11} {'vs bare PIL':>12}")
     for name, size, workers, rate, per, ratio in rows:
-        print(f"{name:<22} {size:>5} {workers:>7} {rate:>10.1f} {per:>11.1f} {ratio:>11.2f}x")
+        print(f"{name:<26} {size:>5} {workers:>7} {rate:>10.1f} {per:>11.1f} {ratio:>11.2f}x")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ def test_the_data_benchmark_prints_its_table(monkeypatch: pytest.MonkeyPatch, ca
     runpy.run_path(str(SCRIPT), run_name="__main__")
     out = capsys.readouterr().out
     rows = {m[1]: float(m[2]) for m in re.finditer(r"^(bare PIL|bare PIL draft|bare torchvision\.io|loader raw|"
+                                                     r"loader raw \(pil_draft\)|loader raw \(torchvision\)|"
                                                      r"loader cached)\s+64\s+\d+\s+([0-9.]+)", out, re.M)}
-    assert set(rows) == {"bare PIL", "bare PIL draft", "bare torchvision.io", "loader raw", "loader cached"}, out
+    assert set(rows) == {"bare PIL", "bare PIL draft", "bare torchvision.io", "loader raw", "loader raw (pil_draft)",
+                         "loader raw (torchvision)", "loader cached"}, out
     assert all(rate > 0 for rate in rows.values()), out  # every row measured something (nan fails this)
