@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 from helpers import model_config, randomize_, tiny_sd_file
 from PIL import Image
+from test_cache_latents import _members
 from test_data import _read_all, _write_tar
 from test_train import _one_thread  # noqa: F401 (autouse fixture: one thread)
 
@@ -55,16 +55,6 @@ def _images(path: Path, n: int = 8, seed: int = 0) -> str:
         for i in range(n)
     ]
     return _write_tar(path, samples)
-
-
-def _members(shard: Path) -> dict[str, dict[str, bytes]]:
-    """sample key -> extension -> bytes"""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(shard) as tar:
-        for member in tar.getmembers():
-            key, _, extension = member.name.partition(".")
-            samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
-    return samples
 
 
 def _npy(data: bytes) -> torch.Tensor:

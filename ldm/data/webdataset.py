@@ -737,7 +737,9 @@ def _seg_map(raw: dict[str, Any], key: str, num_classes: int | None) -> Image.Im
     return labels
 
 
-def _moments(raw: dict[str, Any], key: str, what: str, why_missing: str) -> torch.Tensor:
+def _cached_array(raw: dict[str, Any], key: str, what: str, why_missing: str, axes: tuple[str, ...]) -> torch.Tensor:
+    """A cached .npy member as float32 with one dimension per name in `axes`; a missing or unreadable one
+    skips the sample, naming `what` and, when missing, `why_missing`."""
     data = raw.get(key)
     if data is None:
         raise _SkipSample(f"no {what}", f"(no {key!r}: {why_missing}; keys {sorted(raw)})")
@@ -745,24 +747,18 @@ def _moments(raw: dict[str, Any], key: str, what: str, why_missing: str) -> torc
         array = np.load(BytesIO(data), allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise _SkipSample(f"unreadable {what}", f"({exc})") from exc
-    if array.ndim != 3:
-        raise _SkipSample(f"unreadable {what}", f"(shape {array.shape}, expected channels x height x width)")
+    if array.ndim != len(axes):
+        raise _SkipSample(f"unreadable {what}", f"(shape {array.shape}, expected {' x '.join(axes)})")
     return torch.from_numpy(array.astype(np.float32, copy=False))
+
+
+def _moments(raw: dict[str, Any], key: str, what: str, why_missing: str) -> torch.Tensor:
+    return _cached_array(raw, key, what, why_missing, ("channels", "height", "width"))
 
 
 def _context(raw: dict[str, Any]) -> torch.Tensor:
     """A caption's cached text-encoder output, tokens x width, as float32."""
-    data = raw.get(CONTEXT_KEY)
-    what = "cached text context"
-    if data is None:
-        raise _SkipSample(f"no {what}", f"(no {CONTEXT_KEY!r}: cached without --text; keys {sorted(raw)})")
-    try:
-        array = np.load(BytesIO(data), allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise _SkipSample(f"unreadable {what}", f"({exc})") from exc
-    if array.ndim != 2:
-        raise _SkipSample(f"unreadable {what}", f"(shape {array.shape}, expected tokens x width)")
-    return torch.from_numpy(array.astype(np.float32, copy=False))
+    return _cached_array(raw, CONTEXT_KEY, "cached text context", "cached without --text", ("tokens", "width"))
 
 
 def _collate(samples: list[dict[str, Any]], skips: _Skips, bucketed: bool = False) -> dict[str, Any]:
