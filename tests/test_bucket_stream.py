@@ -240,6 +240,10 @@ def test_bucketed_cached_latents_keep_each_pictures_shape(shards: list[str], tmp
     # the same cache without data.buckets: one line before training, not a torch.stack traceback
     with pytest.raises(ConfigError, match=r"cached with --buckets .* data\.buckets=true"):
         train(compose_train(tmp_path, [*data, "trainer.max_steps=1", *BARE, *QUIET], output_dir="${paths.root}/b"))
+    # a model whose UNet halves twice needs bucket sides of multiples of 16: this cache's 8 are refused
+    with pytest.raises(ConfigError, match=r"cached with --bucket-step 8, .* multiples of 16 .* --bucket-step 16"):
+        train(compose_train(tmp_path, [*data, "data.buckets=true", "model.unet.channel_mult=[1,2,2]",
+                                       "trainer.max_steps=1", *BARE, *QUIET], output_dir="${paths.root}/c"))
     # ... and where no cache.json tells (remote shards), the loader says it
     loose = WebDataModule(str(tmp_path / "latents"), latents=True, resolution=32, batch_size=48, shuffle_buffer=0)
     with pytest.raises(ValueError, match=r"several shapes .* data\.buckets=true"):

@@ -389,15 +389,21 @@ def bucket_step(cfg: DictConfig) -> int | None:
     return cfg.data.get("bucket_step") if cfg.data.get("buckets") and not cfg.data.get("latents") else None
 
 
-def check_resolution(
-    model: Any, resolution: int | None, source: str = "this model", bucket_step: int | None = None
-) -> None:
+def latent_multiple(model: Any) -> tuple[int, int, int]:
+    """The pixel multiple every image side must be for `model` (its config), with the autoencoder's
+    downsampling factor and the UNet's number of levels that make it."""
     from ldm.models.stable_diffusion import downsampling_factor
 
     factor = downsampling_factor(model["first_stage"])
     levels = len(model["unet"]["channel_mult"])
     # The latent must halve cleanly at every UNet level, or skip connections do not line up.
-    multiple = factor * 2 ** (levels - 1)
+    return factor * 2 ** (levels - 1), factor, levels
+
+
+def check_resolution(
+    model: Any, resolution: int | None, source: str = "this model", bucket_step: int | None = None
+) -> None:
+    multiple, factor, levels = latent_multiple(model)
     if resolution is not None and resolution % multiple:
         raise ConfigError(
             f"data.resolution={resolution} cannot go through {source}: it must be a multiple of "
@@ -453,6 +459,14 @@ def check_cached_latents(datamodule: Any, module: Any) -> None:
         raise ConfigError(
             "data.train_shards were cached with --buckets (latents of several shapes): train on them with "
             "data.buckets=true, or cache again without --buckets"
+        )
+    step = (info.get("buckets") or {}).get("step")
+    multiple, factor, levels = latent_multiple(module.config)
+    if step is not None and step % multiple:
+        raise ConfigError(
+            f"data.train_shards were cached with --bucket-step {step}, but this model's bucket sides must be "
+            f"multiples of {multiple} (autoencoder downsampling {factor} x UNet levels {levels}): cache again with "
+            f"--bucket-step {multiple} (or a multiple of it)"
         )
     if info["resolution"] != datamodule.resolution:
         raise ConfigError(
