@@ -168,7 +168,7 @@ def test_style_demo_without_prior_preservation_composes_to_instance_pictures_onl
         on = compose("train", overrides=[*typed, "init_from=base.ckpt"])
         off = compose("train", overrides=[*typed, "init_from=base.ckpt", "data.class_prompt=", "module.prior_loss_weight=0"])
     prompts = instantiate(on.data).class_prompt  # every plain caption of the base's vocabulary
-    assert len(prompts) == 18 and prompts[0] == "a red circle on a blue background" and on.module.prior_loss_weight == 1.0
+    assert len(prompts) == 18 and prompts[0] == "a red circle on a blue background" and on.module.prior_loss_weight == 2.0
     assert not instantiate(off.data).prior_preservation and off.module.prior_loss_weight == 0
     assert OmegaConf.to_container(default)["init_from"] == "${latest_ckpt:style_demo_base,${paths.root}}"
 

@@ -5,12 +5,14 @@ striped DreamBooth fine-tune with prior preservation (experiment=style_demo) and
 captions x 2 seeds, every model sampled with the same seeds:
 
 - with the trigger, the fine-tune's stripe score is far above the base's;
-- without it, the prior-preserved fine-tune's score rises less than half as much, and
+- without it, the prior-preserved fine-tune's score rises less than a quarter as much, and
 - without prior preservation the no-trigger images drift further from the base's (stripe score and pixels).
 
-Measured on 2 shared CPU cores (the whole test 475 s; the same numbers in two runs): stripe score with the
-trigger 0.564 (base 0.122); without it 0.226 (base 0.089); without prior preservation 0.323; pixel drift from
-the base without the trigger 0.130 with prior preservation, 0.190 without.
+Measured on 2 CPU cores (the whole test 222 s, 475 s under other work; the same numbers in a scratch run):
+stripe score with the trigger 0.527 (base 0.110); without it 0.100 (base 0.076); without prior preservation
+0.343; pixel drift from the base without the trigger 0.122 with prior preservation, 0.193 without. With seeds
+1 and 2 (seed=) the no-trigger score was 0.108 and 0.138 (trigger 0.501, 0.492): a rise of 8% and 16% of the
+trigger's, against the quarter asserted.
 """
 
 from __future__ import annotations
@@ -56,12 +58,12 @@ def test_the_fine_tune_draws_stripes_with_its_trigger_and_prior_preservation_kee
     free_p = row["style_no_prior", False]["stripe_score"]
     drift, free_drift = row["style", False]["drift_from_base"], row["style_no_prior", False]["drift_from_base"]
     table = f"\n{stdout}"
-    # with the trigger: the style (measured 0.564 against the base's 0.122)
+    # with the trigger: the style (measured 0.527 against the base's 0.110)
     assert style_t >= base_t + 0.2 and style_t >= 2 * base_t, f"stripe score with trigger {style_t} vs base {base_t}{table}"
-    # without it: close to the base (measured a rise of 0.137, against 0.442 with the trigger)
-    assert style_p - base_p <= 0.5 * (style_t - base_t), (
+    # without it: close to the base (measured a rise of 0.024, against 0.417 with the trigger)
+    assert style_p - base_p <= 0.25 * (style_t - base_t), (
         f"without trigger the stripe score rose from {base_p} to {style_p}, with it from {base_t} to {style_t}{table}")
-    # without prior preservation: further from the base (measured 0.323 vs 0.226 stripe score, 0.190 vs 0.130 drift)
+    # without prior preservation: further from the base (measured 0.343 vs 0.100 stripe score, 0.193 vs 0.122 drift)
     assert free_p >= style_p + 0.03, f"no-prior stripe score without trigger {free_p} vs prior {style_p}{table}"
     assert free_drift >= drift + 0.02, f"no-prior pixel drift without trigger {free_drift} vs prior {drift}{table}"
     assert (tmp_path / "compare" / "grid-00000.png").is_file() and (tmp_path / "compare" / "grid-00000-x4.png").is_file()
