@@ -249,3 +249,14 @@ def test_trainer_gpu_without_a_gpu_says_what_to_pass(tmp_path: Path) -> None:
     result = bash(f"{PY} {REPO}/train.py trainer=gpu paths.root=runs logger=none trainer.max_steps=1", tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "trainer=cpu" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("config_name", ["train", "sample", "style_demo", "compare", "eval"])
+def test_a_command_line_of_no_arguments_passes_the_precheck(config_name: str) -> None:
+    """`python -m ldm.style_demo` as make style-demo types it (no override at all) reaches its job: the
+    precheck used to fail on an empty argument list (a zip of unequal lengths)."""
+    from ldm.cli.checks import ConfigProblem, precheck
+
+    precheck(config_name, [])  # nothing to refuse
+    with pytest.raises(ConfigProblem, match="is not an override"):
+        precheck(config_name, ["word"])
