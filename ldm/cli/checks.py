@@ -187,7 +187,7 @@ def precheck(config_name: str, args: list[str]) -> None:
         return
     flags_with_values = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                          "--config-dir", "-cd", "--experimental-rerun"}
-    for previous, arg in zip(["", *args], args):  # (the argument before, the argument); none at all: no pair
+    for previous, arg in zip(["", *args], args, strict=False):  # (argument before, argument); no arguments: none
         if "=" not in arg and not arg.startswith("-") and previous not in flags_with_values:
             raise ConfigProblem(
                 f"{arg!r} is not an override (key=value): a value with spaces needs quotes in the shell, "
