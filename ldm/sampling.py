@@ -138,6 +138,23 @@ def _check_concat(model: StableDiffusion, concat: Tensor | None) -> None:
         )
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs on a GPU
+
+
+def compile_unet(model: StableDiffusion, mode: str = "default") -> None:
+    """torch.compile the model's UNet in place for sampling (its state_dict keys stay LDM's), in `mode`.
+
+    The first image waits for the compilation; later ones at the same size and batch reuse it. Under the
+    modes that capture CUDA graphs (`reduce-overhead`, `max-autotune`) a UNet output lives in the graph's own
+    memory, which the next step overwrites, so `generate` copies each denoiser output out of it.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    model.model.diffusion_model.compile(mode=mode)
+    model.sampling_compile_mode = mode
+
+
 def apply_with_concat(model: StableDiffusion, x: Tensor, t: Tensor, context: dict[str, Tensor]) -> Tensor:
     """The UNet on z_t with `context["concat"]` joined to its channels (z_t first, as LDM and diffusers)."""
     return model.apply_model(torch.cat([x, context["concat"]], dim=1), t, context["crossattn"])
@@ -203,6 +220,8 @@ def generate(
             uncond = None if uncond is None else {"crossattn": uncond, "concat": extra}
     if concat is None or model.concat != "image":
         denoiser = classifier_free_guidance(network, context, uncond, settings.guidance_scale)
+    if getattr(model, "sampling_compile_mode", None) in CUDA_GRAPH_MODES:
+        denoiser = _copied_out(denoiser)  # without guidance it returns the UNet's output itself
     sched = model.config["schedule"]
     latents = sample(
         settings.sampler,
@@ -222,6 +241,16 @@ def generate(
     )
     images = model.decode_latents(latents)
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _copied_out(denoiser: Callable) -> Callable:
+    """The denoiser with its output copied, so a sampler may keep it past the next step (PLMS keeps old
+    outputs) when the UNet runs in a CUDA graph."""
+
+    def copied(*args, **kwargs):  # noqa: ANN002, ANN003
+        return denoiser(*args, **kwargs).clone()
+
+    return copied
 
 
 def to_uint8(images: Tensor) -> list[np.ndarray]:
