@@ -7,8 +7,9 @@ One step = forward on noisy latents with text context, MSE to a target, backward
 GPU) and, with `--ema` (the default), the EMA update of the weights: what dominates fine-tuning from cached
 latents. Ours uses this project's EMA (ldm.lightning.ema, LDM's layout), diffusers' its EMAModel (foreach).
 Both UNets get the same random weights (converted through our diffusers mapping), the same inputs and the
-same optimizer, channels-last on a GPU (as the GPU recipes), timed in ABBA order (best of two), warm-up
-(compilation included) left out.
+same optimizer, channels-last on a GPU (as the GPU recipes), timed in ABBA order (best of two; `--order ab`,
+the GPU default, times each once: half the compiles), warm-up (compilation included) left out. Each row prints as
+soon as it is measured.
 
 Columns: seconds a step, images/s, TFLOP/s and MFU from the model's FLOPs a step (torch.utils.flop_counter
 on the plain forward and backward: gradient checkpointing's recompute is not counted, as MLPerf counts) over
@@ -139,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default=None,
                         help="gradient checkpointing (default: off on a GPU, both on the CPU)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA update each step")
+    parser.add_argument("--order", choices=("abba", "ab"), default=None,
+                        help="abba: each side built and timed twice, best of two (default on the CPU, where other "
+                             "work shares the cores); ab: once each, half the builds and compiles (default on a GPU)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels-last weights and inputs (default: on a GPU)")
     args = parser.parse_args(argv)
@@ -183,17 +187,29 @@ def main(argv: list[str] | None = None) -> None:
             unet.compile()
         return Step(unet, call, device, dtype, ema if args.ema else None)
 
+    order = args.order or ("ab" if on_gpu else "abba")
+    sequence = (OURS, THEIRS, THEIRS, OURS) if order == "abba" else (OURS, THEIRS)
     peak_rate = matmul_rate(device, dtype)
     flops = {}
     for label in (OURS, THEIRS):  # the model's FLOPs, eager, no checkpointing
         step = build(label, compiled=False)
         flops[label] = model_flops(step, inputs)
         del step
-    rows = []
+    # The header first and each row as soon as it is measured: a run cut short (a device call's time limit)
+    # still shows what it finished.
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    print(f"\n{args.model} UNet training step, {args.size}px (latent {side}x{side}), batch {args.batch}, {args.dtype}, "
+          f"AdamW{' + EMA' if args.ema else ''}{', channels-last' if channels_last else ''}, order {order.upper()}, "
+          f"{name}")
+    print(f"model FLOPs a step: {flops[OURS] / 1e9:.1f} GFLOP ({flops[OURS] / args.batch / 1e9:.2f} an image; "
+          f"diffusers counted {flops[THEIRS] / 1e9:.1f}); dense matmul here: {peak_rate:.2f} TFLOP/s")
+    print(f"{'implementation':<16}{'compiled':>9}{'grad ckpt':>10}{'s/step':>10}{'images/s':>10}{'TFLOP/s':>9}"
+          f"{'MFU':>7}{'peak GiB':>10}", flush=True)
+    ratios = []
     for compiled in compiles:
         for checkpointing in checkpointings:
             best: dict[str, tuple[float, float]] = {}
-            for label in (OURS, THEIRS, THEIRS, OURS):
+            for i, label in enumerate(sequence):
                 step = build(label, compiled)
                 if label == OURS:
                     step.unet.set_gradient_checkpointing(checkpointing)
@@ -204,24 +220,15 @@ def main(argv: list[str] | None = None) -> None:
                 del step
                 if on_gpu:
                     torch.cuda.empty_cache()
-            rows += [(label, compiled, checkpointing, *best[label]) for label in (OURS, THEIRS)]
-
-    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
-    print(f"\n{args.model} UNet training step, {args.size}px (latent {side}x{side}), batch {args.batch}, {args.dtype}, "
-          f"AdamW{' + EMA' if args.ema else ''}{', channels-last' if channels_last else ''}, {name}")
-    print(f"model FLOPs a step: {flops[OURS] / 1e9:.1f} GFLOP ({flops[OURS] / args.batch / 1e9:.2f} an image; "
-          f"diffusers counted {flops[THEIRS] / 1e9:.1f}); dense matmul here: {peak_rate:.2f} TFLOP/s")
-    print(f"{'implementation':<16}{'compiled':>9}{'grad ckpt':>10}{'s/step':>10}{'images/s':>10}{'TFLOP/s':>9}"
-          f"{'MFU':>7}{'peak GiB':>10}")
-    for label, compiled, checkpointing, seconds, peak in rows:
-        tflops = flops[label] / seconds / 1e12
-        print(f"{label:<16}{str(compiled):>9}{str(checkpointing):>10}{seconds:>10.3f}{args.batch / seconds:>10.2f}"
-              f"{tflops:>9.3g}{tflops / peak_rate:>7.1%}{peak:>10.2f}")
-    for compiled in compiles:
-        for checkpointing in checkpointings:
-            ours, theirs = (next(r[3] for r in rows if r[:3] == (lab, compiled, checkpointing)) for lab in (OURS, THEIRS))
-            print(f"ours / diffusers speed, compiled={compiled}, grad ckpt={checkpointing}: {theirs / ours:.2f}x")
-
+                if label not in sequence[i + 1:]:  # its last timing: the row is final
+                    seconds, peak = best[label]
+                    tflops = flops[label] / seconds / 1e12
+                    print(f"{label:<16}{str(compiled):>9}{str(checkpointing):>10}{seconds:>10.3f}"
+                          f"{args.batch / seconds:>10.2f}{tflops:>9.3g}{tflops / peak_rate:>7.1%}{peak:>10.2f}",
+                          flush=True)
+            ratios.append(f"ours / diffusers speed, compiled={compiled}, grad ckpt={checkpointing}: "
+                          f"{best[THEIRS][0] / best[OURS][0]:.2f}x")
+    print("\n".join(ratios))
 
 if __name__ == "__main__":
     main()

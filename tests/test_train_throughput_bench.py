@@ -32,3 +32,27 @@ def test_the_training_benchmark_prints_its_table(monkeypatch: pytest.MonkeyPatch
         assert float(seconds) > 0 and float(images) == pytest.approx(2 / float(seconds), rel=0.05), out
         assert float(tflops) > 0 and 0 < float(mfu) <= 100, out
     assert "AdamW + EMA" in out and out.count("ours / diffusers speed") == 2, out
+
+
+def test_order_ab_times_each_side_once_and_prints_rows_as_measured(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    builds: list[str] = []
+    namespace = runpy.run_path(str(SCRIPT))  # the module's functions, main not run
+    step_time = namespace["step_time"]
+
+    def counted(step, inputs, steps, warmup):  # noqa: ANN001, ANN202
+        builds.append(step.ema.__class__.__name__)
+        print(f"timing {step.ema.__class__.__name__}")
+        return step_time(step, inputs, steps, warmup)
+
+    namespace["main"].__globals__["step_time"] = counted
+    namespace["main"](["--model", "tiny", "--size", "32", "--batch", "2", "--steps", "1", "--device", "cpu",
+                       "--order", "ab", "--checkpointing", "off"])
+    out = capsys.readouterr().out
+    assert builds == ["EMA", "EMAModel"], out  # ours, then diffusers', once each
+    assert "order AB" in out
+    lines = out.splitlines()
+    # each row right after its own timing, before the next side is timed
+    ours_row = next(i for i, line in enumerate(lines) if line.startswith("ldm (ours)"))
+    assert lines[ours_row - 1] == "timing EMA" and lines[ours_row + 1] == "timing EMAModel", out
+    assert out.count("ours / diffusers speed") == 1, out
