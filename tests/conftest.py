@@ -40,7 +40,7 @@ def _deterministic():
 # machine, longest first (seconds); other files keep their order after these.
 LONGEST_FIRST = [
     "test_readme.py",  # ~580: every README command, each a process
-    "test_style_demo_learning.py",  # ~480, make test-all only: three trainings, two fine-tunes, the scoring
+    "test_style_demo_learning.py",  # ~220, make test-all only: three trainings, two fine-tunes, the scoring
     "test_demo_ci.py",  # ~370: the reduced demo and its shuffled-caption control
     "test_midepoch_resume.py",  # ~135
     "test_finetune_correctness.py",  # ~130
