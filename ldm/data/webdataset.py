@@ -41,7 +41,13 @@ tensor resize, PIL's filter (pixels within a rounding of "pil"'s; torchvision 0.
 deprecated in favour of TorchCodec). Under each the crop plan is made from the full size read from the picture's
 header (`min_size` is checked on it too) with the same random draws, so crops, flips, skips and a resume are the
 same; only JPEGs (for torchvision: RGB or grey ones) take the faster paths, other images, conditioning images and
-segmentation maps (nearest-resized labels) decode with PIL as under "pil".
+segmentation maps (nearest-resized labels) decode with PIL as under "pil", and so does a JPEG torchvision refuses
+(every decoder skips what "pil" skips, for its reasons) or of an extreme aspect ratio (resized from its crop's part
+alone: see transforms.apply_crop). Under every decoder a picture is turned upright by its EXIF orientation (the
+plan, buckets and min_size use its upright size), its transparency is composited onto white and 16-bit greys are
+scaled to 8 bits (transforms.to_rgb: what "pil" has always given for opaque, upright 8-bit pictures); colour
+profiles are not applied. Pictures are identified by their bytes (PNG bytes named .jpg load), among the raster
+formats of transforms.PICTURE_FORMATS; a member is read as the picture if its extension is one of IMAGE_KEYS.
 
 Shard specs: a brace pattern, a glob, a local path or folder of `.tar` files, a URL webdataset
 can open (`https://...`, `pipe:curl -s ...`), or a list of these. Local files are checked at
@@ -56,9 +62,12 @@ cut into epochs of `epoch_length`. Validation shards are read whole by every ran
 waits on another, results are identical), which suits the small validation sets of diffusion.
 
 Bad samples are skipped, never fatal, and counted by reason: "truncated image", "not an image" (bytes
-no image format reads), "unreadable image" (other decoding errors), "no image", "no caption", "too small"
-(shorter side below `min_size`), "unreadable shard" (counted once per shard that fails to open or read);
-missing or unreadable conditioning image or segmentation map. A warning is logged at most once every
+no image format reads, an empty file), "image too large" (a header declaring more than transforms.max_pixels():
+a decompression bomb, refused before decoding), "unreadable image" (other decoding errors), "no image" (no
+member of an IMAGE_KEYS extension), "no caption" (no caption member, or no such JSON field), "unreadable caption"
+(not UTF-8 text, invalid JSON, a field that is not text), "empty caption", "too small" (shorter side below
+`min_size`), "unreadable shard" (counted once per shard that fails to open or read); missing or unreadable
+conditioning image or segmentation map. Each skip's detail (in `dropped`) says what is wrong with that sample. A warning is logged at most once every
 `WARN_INTERVAL_S` seconds per process (it counts by reason those it held back). Every skip reaches a
 batch: a worker's skips after its last batch come as a `{"skipped", "dropped"}`-only item, which the
 loader folds into the batch it yields next (it holds each batch until the next item arrives, so skips at
@@ -117,7 +126,21 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.buckets import Bucket, BucketQueue, bucket_sizes, nearest_bucket
-from ldm.data.transforms import CropPlan, apply_crop, decode_label_map, plan_cover_crop, to_tensor
+from ldm.data.transforms import (
+    CropPlan,
+    PictureTooLarge,
+    apply_crop,
+    crops_first,
+    decode_label_map,
+    decode_text,
+    exif_orientation,
+    load_rgb,
+    open_picture,
+    plan_cover_crop,
+    to_rgb,
+    to_tensor,
+    upright_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +152,8 @@ COND_MOMENTS_FLIP_KEY = "cond_moments_flip.npy"  # ... and of the mirrored befor
 CONTEXT_KEY = "context.npy"  # the text encoder's output for the caption (ldm-cache-latents --text)
 CACHE_INFO = "cache.json"  # beside latent shards: what ldm-cache-latents made them with
 WARN_INTERVAL_S = 60.0
+# what reading a seg map may raise; a picture's decode catches any Exception (PIL's plugins raise struct.error,
+# EOFError, IndexError... on malformed files): a sample is skipped, never the run stopped
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 # data.decoder: "pil" (PIL decode, bicubic resize), "pil_draft" (libjpeg's reduced-size DCT decode first),
 # "torchvision" (torchvision.io's libjpeg-turbo decode, antialiased bicubic tensor resize)
@@ -173,21 +198,50 @@ def _mix_seed(*parts: int) -> int:
 
 
 def caption_from(sample: dict[str, Any], caption_key: str) -> str | None:
-    """The caption under `caption_key`: an extension ("txt") or a dotted JSON path ("json.caption")."""
+    """The caption under `caption_key`: an extension ("txt") or a dotted JSON path ("json.caption"); None
+    when there is none, it is empty, or it cannot be read (`_caption` says which)."""
+    try:
+        return _caption(sample, caption_key)
+    except _SkipSample:
+        return None
+
+
+def _caption(sample: dict[str, Any], caption_key: str) -> str:
+    """The caption under `caption_key`, stripped, or _SkipSample saying what is wrong with it: "no caption"
+    (no such member, or no such JSON field), "unreadable caption" (not UTF-8 text, invalid JSON, a field
+    that is not text), "empty caption". Text is UTF-8, or UTF-16 with a byte-order mark (see decode_text)."""
     extension, _, json_path = caption_key.partition(".")
     raw = sample.get(extension)
     if raw is None:
-        return None
-    if not json_path:
-        value: Any = raw.decode("utf-8", errors="replace")
-    else:
+        raise _SkipSample("no caption", f"(no {extension!r} member; keys {_members(sample)})")
+    try:
+        text = decode_text(raw)
+    except UnicodeDecodeError as exc:
+        raise _SkipSample("unreadable caption", f"({extension!r} is not UTF-8 text: {exc.reason} at byte {exc.start}: "
+                                                f"{raw[max(0, exc.start - 8) : exc.start + 8]!r})") from exc
+    value: Any = text
+    if json_path:
         try:
-            value = json.loads(raw)
-        except ValueError:
-            return None
-        for part in json_path.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-    return (value.strip() or None) if isinstance(value, str) else None
+            value = json.loads(text)
+        except ValueError as exc:
+            raise _SkipSample("unreadable caption", f"({extension!r} is not valid JSON: {exc})") from exc
+        for depth, part in enumerate(parts := json_path.split(".")):
+            if not isinstance(value, dict) or part not in value:
+                where = ".".join([extension, *parts[:depth]])
+                fields = sorted(value)[:10] if isinstance(value, dict) else f"a {type(value).__name__}"
+                raise _SkipSample("no caption", f"(no {part!r} in {where}: its fields {fields})")
+            value = value[part]
+        if not isinstance(value, str):
+            raise _SkipSample("unreadable caption", f"({caption_key} is a {type(value).__name__}, not text: {str(value)[:40]})")
+    value = value.strip()
+    if not value:
+        raise _SkipSample("empty caption", f"({caption_key} holds {len(raw)} bytes, none but whitespace)")
+    return value
+
+
+def _members(sample: dict[str, Any]) -> list[str]:
+    """A raw sample's member extensions (its keys less webdataset's __key__, __url__ and the stream's tags)."""
+    return sorted(k for k in sample if not k.startswith("__"))
 
 
 class _RateLimitedWarning:
@@ -246,6 +300,8 @@ class _ShardErrorHandler:
 
 
 class _SkipSample(Exception):
+    """Why a sample is skipped: `reason` (counted) and `detail` (its own particulars, for the dropped list)."""
+
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.reason, self.detail = reason, detail
@@ -587,9 +643,7 @@ class _ShardStream(IterableDataset):
         return batch
 
     def _decode(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-        caption = caption_from(raw, self.spec.caption_key)
-        if caption is None:
-            raise _SkipSample("no caption", f"(no {self.spec.caption_key!r}; keys {sorted(raw)})")
+        caption = _caption(raw, self.spec.caption_key)
         if self.spec.latents:
             return self._cached(raw, caption, rng)
         spec = self.spec
@@ -654,44 +708,57 @@ class _ShardStream(IterableDataset):
     def _image(
         self, raw: dict[str, Any], plan_for: Callable[[tuple[int, int]], CropPlan]
     ) -> tuple[torch.Tensor, CropPlan]:
-        """The sample's picture resized, cropped and flipped as `plan_for(its full size)` says, as a 3xHxW
-        tensor in [-1, 1], decoded by `spec.decoder`; and the plan (its conditioning follows it)."""
-        data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
-        if data is None:
-            raise _SkipSample("no image", f"(keys {sorted(raw)})")
+        """The sample's picture resized, cropped and flipped as `plan_for(its upright size)` says, as a 3xHxW
+        tensor in [-1, 1], decoded by `spec.decoder`; and the plan (its conditioning follows it).
+
+        Every decoder reads the header with PIL (size, EXIF orientation, the checks), turns the picture upright
+        and composites transparency as `to_rgb` does; a JPEG torchvision refuses is decoded by PIL, so every
+        decoder skips the samples "pil" skips, for the same reasons."""
+        key = next((k for k in IMAGE_KEYS if k in raw), None)
+        if key is None:
+            raise _SkipSample("no image", f"(no {', '.join(IMAGE_KEYS)} member; keys {_members(raw)})")
+        data, decoder = raw[key], self.spec.decoder
         try:
-            with Image.open(BytesIO(data)) as image:  # reads the header only
+            with open_picture(data) as image:  # reads the header only
                 if min(image.size) < self.spec.min_size:
                     raise _SkipSample(
                         "too small", f"({image.size[0]}x{image.size[1]} < {self.spec.min_size})"
                     )
-                plan = plan_for(image.size)
-                if self.spec.decoder == "torchvision" and image.format == "JPEG" and image.mode in ("RGB", "L"):
-                    return _torchvision_crop(data, plan), plan
-                if self.spec.decoder == "pil_draft" and image.format == "JPEG":
+                turn = exif_orientation(image)  # a PNG decodes here (its EXIF may follow its pixels)
+                plan = plan_for(upright_size(image.size, turn))
+                # an extreme aspect ratio crops before it resizes (apply_crop): PIL's path under every decoder
+                jpeg = image.format == "JPEG" and not crops_first(plan)
+                if decoder == "torchvision" and jpeg and image.mode in ("RGB", "L"):
+                    tensor = _torchvision_crop(data, plan, turn)
+                    if tensor is not None:
+                        return tensor, plan
+                if decoder == "pil_draft" and jpeg:
                     # libjpeg decodes at the smallest DCT scale (1/8, 1/4, 1/2) still >= the planned size on
-                    # both sides; apply_crop then resizes that to the planned size, as it does the full picture
-                    image.draft("RGB", plan.size)
-                rgb = image.convert("RGB")  # decodes fully: truncated files fail here
-        except _DECODE_ERRORS as exc:
-            reason = _image_error(exc)
-            detail = f"({len(data)} bytes: {data[:16]!r}...)" if reason == "not an image" else f"({exc})"
-            raise _SkipSample(reason, detail) from exc
+                    # both sides (of the stored picture: turned upright after); apply_crop then resizes that to
+                    # the planned size, as it does the full picture
+                    image.draft("RGB", upright_size(plan.size, turn))
+                rgb = to_rgb(image, turn)  # decodes fully: truncated files fail here
+        except _SkipSample:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a malformed picture makes PIL raise: skipped
+            raise _SkipSample(*_image_error(exc, data)) from exc
         return to_tensor(apply_crop(rgb, plan)), plan
 
 
-def _torchvision_crop(data: bytes, plan: CropPlan) -> torch.Tensor:
-    """A JPEG decoded by torchvision.io (libjpeg-turbo), resized to the plan's size (bicubic with antialias,
-    PIL's filter), cropped and flipped as planned: `to_tensor(apply_crop(...))`'s tensor within a rounding."""
+def _torchvision_crop(data: bytes, plan: CropPlan, orientation: int = 1) -> torch.Tensor | None:
+    """A JPEG decoded by torchvision.io (libjpeg-turbo), turned upright by its EXIF `orientation` (PIL's
+    reading of it: `exif_orientation`), resized to the plan's size (bicubic with antialias, PIL's filter),
+    cropped and flipped as planned: `to_tensor(apply_crop(...))`'s tensor within a rounding. None where
+    torchvision cannot decode it ("Image is incomplete or truncated", "Not a JPEG file: ..."): PIL decides."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     try:
         image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as exc:  # "Image is incomplete or truncated", "Not a JPEG file: ..."
-        reason = "truncated image" if "truncated" in str(exc).lower() else "unreadable image"
-        raise _SkipSample(reason, f"({str(exc).splitlines()[-1].split(', ')[-1]})") from exc
+    except RuntimeError:
+        return None
+    image = turn_upright(image, orientation)
     width, height = plan.size
     if tuple(image.shape[1:]) != (height, width):
         image = F.resize(image, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
@@ -702,24 +769,40 @@ def _torchvision_crop(data: bytes, plan: CropPlan) -> torch.Tensor:
     return image.float().div(127.5).sub(1.0)
 
 
-def _image_error(exc: BaseException) -> str:
-    """The skip reason for an image PIL cannot read."""
-    if isinstance(exc, UnidentifiedImageError):  # no image format recognises the bytes
-        return "not an image"
+def turn_upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A ...xHxW tensor of a picture's stored pixels turned as PIL turns them for EXIF `orientation`
+    (transforms.UPRIGHT: 2 mirror, 3 half turn, 4 flip, 5 transpose, 6 quarter turn clockwise, 7 transverse,
+    8 anticlockwise)."""
+    if orientation in (5, 6, 7, 8):
+        image = image.transpose(-1, -2)  # 5; then 6: + mirror, 7: + half turn, 8: + flip
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
+    if orientation in (2, 3):
+        image = image.flip(-1)
+    if orientation in (3, 4):
+        image = image.flip(-2)
+    return image
+
+
+def _image_error(exc: BaseException, data: bytes) -> tuple[str, str]:
+    """The skip reason and detail for a picture PIL cannot read."""
+    if isinstance(exc, (PictureTooLarge, Image.DecompressionBombError)):
+        return "image too large", f"({exc})"
+    if isinstance(exc, UnidentifiedImageError):  # no format it may be read as recognises the bytes
+        return "not an image", f"({len(data)} bytes: {data[:16]!r}...)" if data else "(0 bytes: an empty file)"
     if "truncated" in str(exc).lower():  # "image file is truncated", "Truncated File Read"
-        return "truncated image"
-    return "unreadable image"
+        return "truncated image", f"({exc})"
+    return "unreadable image", f"({type(exc).__name__}: {exc})"
 
 
 def _cond_image(raw: dict[str, Any], key: str) -> Image.Image:
     data = raw.get(key)
     if data is None:
-        raise _SkipSample("no conditioning image", f"(no {key!r}; keys {sorted(raw)})")
+        raise _SkipSample("no conditioning image", f"(no {key!r}; keys {_members(raw)})")
     try:
-        with Image.open(BytesIO(data)) as image:
-            return image.convert("RGB")
-    except _DECODE_ERRORS as exc:
-        raise _SkipSample("unreadable conditioning image", f"({exc})") from exc
+        return load_rgb(data)  # upright, transparency on white: as its image
+    except Exception as exc:  # noqa: BLE001 - any malformed picture: skipped
+        reason, detail = _image_error(exc, data)
+        raise _SkipSample("unreadable conditioning image", f"({reason}: {detail[1:-1]})") from exc
 
 
 def _seg_map(raw: dict[str, Any], key: str, num_classes: int | None) -> Image.Image:
