@@ -25,6 +25,10 @@ exactly the samples the uninterrupted run reads, with no data state in the check
 
 Pictures smaller than `resolution` (with buckets: than their bucket) are upscaled and trained on, never
 skipped (a DreamBooth folder is a handful of pictures: each one counts); setup warns with their number.
+Pictures are read as the WebDataset loader reads them (ldm.data.transforms.load_rgb: turned upright by their
+EXIF orientation, and bucketed by that size; transparency composited onto white; 16-bit greys scaled). One that
+cannot be read (truncated, not a picture, a decompression bomb) or a caption file that is not UTF-8 stops setup
+with a UsageError naming the file, rather than training on fewer pictures than the folder holds.
 
 Aspect-ratio buckets (`buckets=True`, with `bucket_step`, `bucket_max_ratio`; kohya's sd-scripts bucket
 DreamBooth pictures so): each instance picture belongs to the bucket of nearest aspect ratio among the
@@ -65,7 +69,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm.cli.sample import UsageError
 from ldm.data.buckets import Bucket, nearest_bucket
-from ldm.data.transforms import apply_crop, plan_cover_crop, to_tensor
+from ldm.data.transforms import apply_crop, decode_text, load_rgb, plan_cover_crop, to_tensor
 from ldm.data.webdataset import _check_buckets, _mix_seed
 
 logger = logging.getLogger(__name__)
@@ -126,9 +130,8 @@ class _Pictures:
         `target` (width, height; default the `resolution` square), with crop and flip draws seeded by (seed, k)."""
         i = self.index(k) if index is None else index
         picture = self.pictures[i]
-        if isinstance(picture, Path):
-            with Image.open(picture) as opened:
-                picture = opened.convert("RGB")
+        if isinstance(picture, Path):  # a class picture: read as the instance pictures are
+            picture = load_rgb(picture)
         rng = random.Random(_mix_seed(self.seed, self.stream, 1, k))
         target = target or (self.resolution, self.resolution)
         plan = plan_cover_crop(picture.size, target, self.random_crop, self.random_flip, rng)
@@ -344,7 +347,10 @@ class DreamBoothDataModule(lightning.LightningDataModule):
     def _caption(self, path: Path) -> str:
         text = path.with_suffix(".txt")
         if text.is_file():
-            caption = text.read_text(encoding="utf-8").strip()
+            try:
+                caption = decode_text(text.read_bytes()).strip()
+            except UnicodeDecodeError as err:
+                raise UsageError(f"{text} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") from None
             if caption:
                 return caption
         if self.instance_prompt is None:
@@ -431,11 +437,13 @@ class DreamBoothDataModule(lightning.LightningDataModule):
         self._check_trigger_words()
 
     def _load(self, path: Path) -> Image.Image:
+        """An instance picture as the WebDataset loader reads one (transforms.load_rgb: upright by its EXIF
+        orientation, transparency on white); one that cannot be read stops the run at setup, naming it (a
+        DreamBooth folder is a handful of pictures: none is dropped unseen)."""
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as err:
-            raise UsageError(f"cannot read the instance picture {path}: {err}") from None
+            return load_rgb(path)
+        except Exception as err:  # noqa: BLE001 - truncated, not a picture, a decompression bomb, a malformed file
+            raise UsageError(f"cannot read the instance picture {path}: {err}; fix or remove it") from None
 
     def _check_trigger_words(self) -> None:
         module = self._module()
