@@ -31,18 +31,19 @@ import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from types import TracebackType
 
 import webdataset as wds
 from PIL import Image
 
-from ldm.data.transforms import decode_label_map
+from ldm.data.transforms import decode_label_map, decode_text, exif_orientation, open_picture, upright_size
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_PREFIX = "shards"
 COND_SIDECAR, SEG_SIDECAR = "cond", "seg"  # NAME.cond.<ext>, NAME.seg.png
+# what reading a seg map may raise; a picture's check catches any Exception (PIL's plugins raise struct.error,
+# EOFError, IndexError... on malformed files): the pair is skipped, ldm-shards goes on
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -140,6 +141,7 @@ class _Pair:
     caption: str | None
     cond_path: Path | None = None
     seg_path: Path | None = None
+    unusable: str | None = None  # why the pair is skipped, when known as it is listed ("unreadable caption")
 
 
 class _Unusable(Exception):
@@ -158,9 +160,14 @@ def _brace_pattern(shards: Sequence[str]) -> str:
 
 
 def _read_caption(path: Path) -> str | None:
+    """The caption file's text, stripped (None: no file, or only whitespace); _Unusable("unreadable caption")
+    for one that is not UTF-8 (or UTF-16 with a byte-order mark: transforms.decode_text)."""
     if not path.is_file():
         return None
-    return path.read_text(encoding="utf-8").strip() or None
+    try:
+        return decode_text(path.read_bytes()).strip() or None
+    except UnicodeDecodeError as exc:
+        raise _Unusable("unreadable caption") from exc
 
 
 def _sidecar_of(path: Path, stems: set[Path]) -> tuple[Path, str] | None:
@@ -186,12 +193,12 @@ def _pairs_from_folder(src: Path) -> Iterator[_Pair]:
             sidecars.setdefault(sidecar, path)  # of several formats, the first in sorted order
     for image in images:
         stem = image.with_suffix("")
-        yield _Pair(
-            image,
-            _read_caption(image.with_suffix(".txt")),
-            sidecars.get((stem, COND_SIDECAR)),
-            sidecars.get((stem, SEG_SIDECAR)),
-        )
+        caption, unusable = None, None
+        try:
+            caption = _read_caption(image.with_suffix(".txt"))
+        except _Unusable as exc:
+            unusable = exc.reason  # counted where the pair would be written
+        yield _Pair(image, caption, sidecars.get((stem, COND_SIDECAR)), sidecars.get((stem, SEG_SIDECAR)), unusable)
 
 
 def _rows_from_csv(src: Path) -> Iterator[dict[str, str]]:
@@ -267,16 +274,18 @@ def _read_file(path: Path, kind: str, extensions: Sequence[str]) -> tuple[bytes,
 
 
 def _decoded_size(data: bytes) -> tuple[int, int]:
-    with Image.open(BytesIO(data)) as image:
+    """The picture's upright size (EXIF orientation), once decoded whole, as the loader reads it (a picture
+    type and size transforms.open_picture takes)."""
+    with open_picture(data) as image:
         image.load()  # a full decode is the only reliable test for truncated files
-        return image.size
+        return upright_size(image.size, exif_orientation(image))
 
 
 def _image_entry(path: Path, min_size: int) -> dict[str, bytes]:
     data, extension = _read_file(path, "image", IMAGE_EXTENSIONS)
     try:
         size = _decoded_size(data)
-    except _DECODE_ERRORS as exc:
+    except Exception as exc:  # noqa: BLE001 - truncated, not a picture, a decompression bomb, a malformed file
         raise _Unusable("unreadable image") from exc
     if min(size) < min_size:
         raise _Unusable("too small")
@@ -287,7 +296,7 @@ def _cond_entry(path: Path) -> dict[str, bytes]:
     data, extension = _read_file(path, "conditioning image", IMAGE_EXTENSIONS)
     try:
         _decoded_size(data)
-    except _DECODE_ERRORS as exc:
+    except Exception as exc:  # noqa: BLE001 - as for the image
         raise _Unusable("unreadable conditioning image") from exc
     return {f"{COND_SIDECAR}.{extension}": data}
 
@@ -304,6 +313,8 @@ def _seg_entry(path: Path) -> dict[str, bytes]:
 
 def _entries(pair: _Pair, min_size: int, caption_key: str) -> dict[str, bytes]:
     """A sample's extension -> bytes (without its key), or _Unusable with the reason to skip it."""
+    if pair.unusable is not None:
+        raise _Unusable(pair.unusable)
     if pair.caption is None:
         raise _Unusable("no caption")
     entries = {**_image_entry(pair.image_path, min_size), caption_key: pair.caption.encode()}
