@@ -517,6 +517,35 @@ _NO_DRAWS = random.Random(0)  # handed to plan_crop when neither crop nor flip i
 _STATE = "__stream_state__"  # a worker's item -> the loader: the worker's position after it
 
 
+def _sendable(state: dict[str, Any]) -> dict[str, Any]:
+    """A worker's stream position on its way to the training process, its int64 index tensors (the shuffle
+    buffer's places, a bucket queue's held samples) as raw bytes: pickled with the item they ride on, where
+    each tensor would cross as shared memory of its own (a file descriptor passed over a socket connection,
+    pinned too on a GPU machine), a fixed cost per batch for a few hundred bytes. Bytes, not numpy arrays,
+    which the DataLoader turns back into tensors in the worker. `_received` undoes it."""
+    sent = {**state, "buffer": _index_bytes(state["buffer"])}
+    if "buckets" in state:
+        sent["buckets"] = {**state["buckets"], "held": _index_bytes(state["buckets"]["held"])}
+    return sent
+
+
+def _received(state: dict[str, Any]) -> dict[str, Any]:
+    """`_sendable`'s position as the worker took it: the same int64 tensors (what checkpoints save)."""
+    state["buffer"] = _index_tensor(state["buffer"])
+    if "buckets" in state:
+        state["buckets"] = {**state["buckets"], "held": _index_tensor(state["buckets"]["held"])}
+    return state
+
+
+def _index_bytes(rows: torch.Tensor) -> tuple[int, bytes]:
+    return rows.shape[1], rows.numpy().tobytes()
+
+
+def _index_tensor(sent: tuple[int, bytes]) -> torch.Tensor:
+    columns, data = sent
+    return torch.from_numpy(np.frombuffer(data, dtype=np.int64).reshape(-1, columns).copy())
+
+
 class _ShardStream(IterableDataset):
     """One pass over the shards, as batches; runs in each DataLoader worker.
 
@@ -572,12 +601,12 @@ class _ShardStream(IterableDataset):
                 continue
             batch.append(sample)
             if len(batch) == self.spec.batch_size:
-                yield {**self._collate(batch, skips), _STATE: stream.state()}
+                yield {**self._collate(batch, skips), _STATE: _sendable(stream.state())}
                 batch = []
         if batch:
-            yield {**self._collate(batch, skips), _STATE: stream.state()}
+            yield {**self._collate(batch, skips), _STATE: _sendable(stream.state())}
         if skips.counts:
-            yield {**skips.take(), _STATE: stream.state()}
+            yield {**skips.take(), _STATE: _sendable(stream.state())}
 
     def _decode_or_skip(self, raw: dict[str, Any], rng: random.Random, skips: _Skips) -> dict[str, Any] | None:
         try:
@@ -602,7 +631,7 @@ class _ShardStream(IterableDataset):
 
         def out(ready: tuple[Any, list[dict[str, Any]]] | None) -> Iterator[dict[str, Any]]:
             if ready is not None:
-                yield {**self._collate(ready[1], skips), _STATE: state()}
+                yield {**self._collate(ready[1], skips), _STATE: _sendable(state())}
 
         if start is not None:
             saved = start.get("buckets") or {"arrivals": 0, "held": torch.zeros(0, 6, dtype=torch.int64), "urls": {}}
@@ -634,7 +663,7 @@ class _ShardStream(IterableDataset):
         for ready in queue.drain():
             yield from out(ready)
         if skips.counts:
-            yield {**skips.take(), _STATE: state()}
+            yield {**skips.take(), _STATE: _sendable(state())}
 
     def _collate(self, samples: list[dict[str, Any]], skips: _Skips) -> dict[str, Any]:
         batch = _collate(samples, skips, bucketed=self.spec.buckets is not None)
@@ -1037,7 +1066,7 @@ class ShardLoader:
         counts: Counter[str] = Counter()
         dropped: list[tuple[str, str, str, str]] = []
         for item in loader:
-            state = item.pop(_STATE)
+            state = _received(item.pop(_STATE))
             if "key" not in item:  # a trailing item: only skips
                 counts.update(item["skipped"])
                 dropped += item.get("dropped", [])
