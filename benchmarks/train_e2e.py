@@ -11,7 +11,7 @@ them (latents and text contexts, so neither the autoencoder nor the text encoder
 encoder in the loop; `--workers` DataLoader workers for both). Each run's images/s is the median of its train.log
 intervals after the first `--skip` (start-up, compilation). The bare step is train_throughput.py's: our UNet
 with EMA, AdamW and the same batch, compile and channels-last settings, no data loader and no Lightning.
-Prints one table; exit status 1 when a run fails.
+Prints one table, each row as soon as it is measured; exit status 1 when a run fails.
 """
 
 from __future__ import annotations
@@ -86,6 +86,17 @@ def bare_rate(model: str, size: int, batch: int, device: torch.device, dtype: to
     return batch / seconds
 
 
+def show(row: tuple[str, str, float | None, str], bare: float) -> None:
+    """One row of the table, printed (and flushed) as soon as it is measured: a run cut short by a time limit
+    still shows the rows before it."""
+    label, wall, rate, note = row
+    if rate is None:
+        shown = f"{'failed':>10}{'':>9}"
+    else:  # the cache tool's rate is its own (encoding), not a training rate
+        shown = f"{rate:>10.2f}" + (f"{'-':>9}" if label.startswith("ldm-cache") else f"{rate / bare:>9.0%}")
+    print(f"{label:<34}{wall:>8}{shown}  {note}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -112,16 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     write_shards(work / "raw", args.images, source, per_shard=64)
     ckpt = write_checkpoint(args.model, work / "model.safetensors")
 
-    rows: list[tuple[str, str, float | None, str]] = []
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    print(f"\n{args.model} training end to end, {args.size}px, batch {args.batch}, {'bf16-mixed' if on_gpu else 'fp32'}, "
+          f"compile {compiled}, EMA, {args.steps} steps, {args.images} pictures of {source}x{source * 3 // 4}, {name}")
+    print(f"{'run':<34}{'wall':>8}{'images/s':>10}{'of bare':>9}  note", flush=True)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     bare = bare_rate(args.model, args.size, args.batch, device, dtype, compiled, on_gpu, min(args.steps, 20))
-    rows.append(("bare step (UNet + EMA + AdamW)", "-", bare, ""))
+    show(("bare step (UNet + EMA + AdamW)", "-", bare, ""), bare)
 
     cache = ["-m", "ldm.data.cache_latents", str(ckpt), str(work / "raw"), str(work / "latents"),
              "--resolution", str(args.size), "--text", "--device", args.device, "--batch-size", str(min(args.batch, 16))]
     code, seconds, out = run(cache, work, args.timeout)
-    rows.append(("ldm-cache-latents --text", f"{seconds:.0f} s", args.images / seconds if code == 0 else None,
-                 "" if code == 0 else out.strip().splitlines()[-1][:90]))
+    show(("ldm-cache-latents --text", f"{seconds:.0f} s", args.images / seconds if code == 0 else None,
+          "" if code == 0 else out.strip().splitlines()[-1][:90]), bare)
 
     trainer = ["trainer=gpu"] if on_gpu else ["trainer=cpu"]
     common = [
@@ -138,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for label, extra in runs.items():
         if code != 0 and "cached" in label:
-            rows.append((label, "-", None, "no cache"))
+            show((label, "-", None, "no cache"), bare)
             status = 1
             continue
         rc, seconds, out = run([*common, *extra], work, args.timeout)
@@ -148,21 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             if rc != 0 or not logs:
                 raise ValueError(out.strip().splitlines()[-1][:90] if out.strip() else f"exit {rc}")
             rate, intervals = train_log_rate(logs[-1], args.skip)
-            rows.append((label, f"{seconds:.0f} s", rate, f"median of {intervals} intervals"))
+            show((label, f"{seconds:.0f} s", rate, f"median of {intervals} intervals"), bare)
         except ValueError as err:
-            rows.append((label, f"{seconds:.0f} s", None, str(err)))
+            show((label, f"{seconds:.0f} s", None, str(err)), bare)
             status = 1
 
-    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
-    print(f"\n{args.model} training end to end, {args.size}px, batch {args.batch}, {'bf16-mixed' if on_gpu else 'fp32'}, "
-          f"compile {compiled}, EMA, {args.steps} steps, {args.images} pictures of {source}x{source * 3 // 4}, {name}")
-    print(f"{'run':<34}{'wall':>8}{'images/s':>10}{'of bare':>9}  note")
-    for label, wall, rate, note in rows:
-        if rate is None:
-            shown = f"{'failed':>10}{'':>9}"
-        else:  # the cache tool's rate is its own (encoding), not a training rate
-            shown = f"{rate:>10.2f}" + (f"{'-':>9}" if label.startswith("ldm-cache") else f"{rate / bare:>9.0%}")
-        print(f"{label:<34}{wall:>8}{shown}  {note}")
     return status
 
 
