@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from ldm.diffusion.samplers import SAMPLERS, classifier_free_guidance, image_text_guidance, sample
@@ -285,11 +285,12 @@ class InputError(ValueError):
 
 
 def read_picture(source: str | Path | Image.Image, what: str) -> Image.Image:
-    """A PIL image from a path (or the image itself); `what` names the input in errors (image, mask, seg)."""
+    """A PIL image from a path (or the image itself); `what` names the input in errors (image, mask, seg).
+    A file's EXIF orientation turns it upright, as diffusers' load_image and AUTOMATIC1111 read a phone photo."""
     if isinstance(source, Image.Image):
         return source
     try:
-        return Image.open(source)
+        return ImageOps.exif_transpose(Image.open(source))
     except FileNotFoundError:
         raise InputError(f"{what}={source} does not exist") from None
     except OSError as err:
