@@ -758,13 +758,13 @@ class ImageSet:
         return digest.hexdigest()
 
     def _decode(self, data: bytes | str, name: str) -> np.ndarray:
-        try:
-            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-                image.load()
+        from ldm.data.transforms import exif_orientation, open_picture, to_rgb
+
+        try:  # as the training loaders read a picture: upright by EXIF, transparency on white
+            with open_picture(data) as image:
                 if image.mode != "RGB":
                     self.converted[image.mode] += 1
-                    image = image.convert("RGB")
-                return np.asarray(image)
+                return np.asarray(to_rgb(image, exif_orientation(image)))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise MetricError(f"{self.source}: {name} is not an image PIL can read ({_one_line(err)})") from None
 

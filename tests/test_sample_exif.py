@@ -39,3 +39,21 @@ def test_an_exif_rotated_image_is_read_upright(tmp_path: Path) -> None:
     (from_upright,) = generate_images(model, ["a cat"], image=upright, strength=0.5, settings=settings)
     assert from_file[0].size == (48, 64)
     np.testing.assert_array_equal(np.asarray(from_file[0]), np.asarray(from_upright[0]))
+
+
+def test_metric_image_sets_read_pictures_as_the_loaders_do(tmp_path: Path) -> None:
+    """FID/CLIP reference folders: upright by EXIF and transparency on white, the training loaders' reading."""
+    from ldm.data.transforms import load_rgb
+    from ldm.metrics import ImageSet
+
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    upright = sideways_photo(folder / "a.jpg")
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red where opaque, hidden red under the transparent half
+    rgba[:8, :, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(folder / "b.png")
+    arrays = dict((item.name, a) for item, a in ImageSet.from_folder(folder).iter_arrays())
+    np.testing.assert_array_equal(arrays["a.jpg"], np.asarray(upright))
+    np.testing.assert_array_equal(arrays["b.png"], np.asarray(load_rgb(folder / "b.png")))
+    assert (arrays["b.png"][8:] == 255).all() and (arrays["b.png"][:8, :, 0] == 200).all()
