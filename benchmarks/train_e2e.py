@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     show(("bare step (UNet + EMA + AdamW)", "-", bare, ""), bare)
 
     cache = ["-m", "ldm.data.cache_latents", str(ckpt), str(work / "raw"), str(work / "latents"),
-             "--resolution", str(args.size), "--text", "--device", args.device, "--batch-size", str(min(args.batch, 16))]
+             "--resolution", str(args.size), "--text", "--overwrite", "--device", args.device, "--batch-size", str(min(args.batch, 16))]
     code, seconds, out = run(cache, work, args.timeout)
     show(("ldm-cache-latents --text", f"{seconds:.0f} s", args.images / seconds if code == 0 else None,
           "" if code == 0 else out.strip().splitlines()[-1][:90]), bare)
