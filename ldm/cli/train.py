@@ -64,6 +64,116 @@ class ConfigError(ValueError):
     """A training config that cannot run; raised before any training starts."""
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why `path` is not a whole checkpoint file (cut off mid-write, empty, not a checkpoint), or None. Cheap:
+    torch.save writes a zip archive, whose directory is at its end, so a cut-off file has none; nothing
+    but that directory is read. A file in torch's old (pre-zip) format is not checked."""
+    import zipfile
+
+    file = Path(path)
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        return err.strerror or str(err)
+    if size == 0:
+        return "an empty file"
+    if head[:1] == b"\x80" and head[:2] != b"PK":
+        return None  # torch's legacy format: a pickle stream, no directory to check
+    try:
+        with zipfile.ZipFile(file) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "a zip archive, but not one torch.save wrote"
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return f"{size} bytes, cut off or damaged: no archive directory at its end"
+    return None
+
+
+def step_files(folder: Path) -> list[Path]:
+    """The step files of a run's checkpoints folder, newest step first."""
+    return sorted(folder.glob("step-*.ckpt"), key=lambda p: p.name, reverse=True)
+
+
+def check_resumable(ckpt: str | Path, what: str = "ckpt_path") -> None:
+    """A checkpoint to resume from is a whole file, or ConfigError: one line naming the file, why, and what
+    to pass instead (the newest whole step file beside it, if there is one)."""
+    path = Path(ckpt)
+    shown = f"{path} (-> {os.readlink(path)})" if path.is_symlink() else str(path)
+    if path.is_symlink() and not path.exists():
+        problem = "a link to a file that no longer exists"
+    else:
+        problem = checkpoint_problem(path)
+    if problem is None:
+        return
+    real = path.resolve()
+    whole = [p for p in step_files(path.parent) if p.resolve() != real and checkpoint_problem(p) is None]
+    if whole:
+        fix = f"resume from the newest whole one beside it with ckpt_path={whole[0]}"
+    else:
+        fix = "there is no whole checkpoint beside it; move the run folder aside to start over"
+    raise ConfigError(f"{what}: {shown} is not a whole checkpoint ({problem}): {fix}")
+
+
+class SignalExit(BaseException):
+    """A signal that stops train.py where it is, when there is nothing to save: while it starts (before the
+    first step) or after the final checkpoint is written. Not a KeyboardInterrupt, which Lightning would
+    turn into its own message and exit status 1: the exit status is 128 + the signal's number."""
+
+    def __init__(self, signal_name: str, when: str):
+        self.signal_name, self.when = signal_name, when
+        super().__init__(f"{signal_name} {when}: stopped")
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + int(getattr(signal, self.signal_name))
+
+
+STOP_NOW_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
+STARTING = "while starting (before the first step)"
+_stop_phase = [STARTING]  # what SignalExit says; SaveOnInterrupt moves it on once the final checkpoint is written
+
+
+def set_stop_phase(when: str) -> None:
+    _stop_phase[0] = when
+
+
+def install_stop_now(names: Any = STOP_NOW_SIGNALS) -> dict[int, Any]:
+    """Handlers that raise SignalExit(name, <the run's phase>) in this process, for each signal whose handler
+    is still the default (not one a launcher set, such as submitit's; not an ignored SIGHUP, as under nohup).
+    Returns the handlers they replaced. Forked children (data loader workers) leave the signal to this process."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    pid = os.getpid()
+
+    def stop_now(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:
+            return
+        name = signal.Signals(signum).name
+        if name == "SIGHUP":
+            from ldm.lightning.interrupt import _quiet_closed_terminal
+
+            _quiet_closed_terminal()
+        raise SignalExit(name, _stop_phase[0])
+
+    stop_now.stops_now = True  # type: ignore[attr-defined]  # SaveOnInterrupt does not chain to it
+    replaced = {}
+    for name in names:
+        signum = getattr(signal, str(name), None)
+        if signum is None:
+            continue
+        current = signal.getsignal(signum)
+        if current is signal.default_int_handler or current is signal.SIG_DFL or getattr(current, "stops_now", False):
+            replaced[signum] = current
+            signal.signal(signum, stop_now)
+    return replaced
+
+
 def newest_last_checkpoint(run_root: Path) -> Path | None:
     """The newest `last.ckpt` among the runs of one run_name: single runs (`<time>/`) and the jobs of
     multiruns, such as SLURM launches (`multirun-<time>/<job>/`)."""
@@ -116,14 +226,28 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
         if runs_root.name.startswith("multirun-"):
             runs_root = runs_root.parent
         newest = newest_last_checkpoint(runs_root)
+        broken = broken_last_links(runs_root, newer_than=newest)
+        if broken:  # the newest run's last.ckpt lost its step file: starting over would lose the run
+            check_resumable(broken[0], "ckpt_path=last")
         if newest is None:
             # As Lightning's own ckpt_path="last": job scripts on preemptible machines pass it every time.
             log.warning("ckpt_path=last: no checkpoints/last.ckpt under %s/* yet; starting fresh", runs_root)
             return None
+        check_resumable(newest, "ckpt_path=last")
         return str(newest)
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
+    check_resumable(ckpt_path)
     return ckpt_path
+
+
+def broken_last_links(run_root: Path, newer_than: Path | None = None) -> list[Path]:
+    """`last.ckpt` links among the runs of one run_name whose step file is gone, newest first (only those
+    newer than `newer_than`, the newest whole one)."""
+    found = [*run_root.glob("*/checkpoints"), *run_root.glob("multirun-*/*/checkpoints")]
+    links = [d / "last.ckpt" for d in found if (d / "last.ckpt").is_symlink() and not (d / "last.ckpt").exists()]
+    floor = newer_than.lstat().st_mtime if newer_than is not None else float("-inf")
+    return sorted((p for p in links if p.lstat().st_mtime > floor), key=lambda p: p.lstat().st_mtime, reverse=True)
 
 
 def requeued_resume_path(output_dir: Path) -> str | None:
@@ -139,6 +263,7 @@ def requeued_resume_path(output_dir: Path) -> str | None:
         )
     if restarts < 1 or not last.is_file():
         return None
+    check_resumable(last, f"SLURM restart {restarts}: its last.ckpt")
     log.warning("SLURM restart %d of this job: resuming from %s", restarts, last)
     return str(last)
 
@@ -234,6 +359,20 @@ def resume_overrides(args: list[str]) -> list[str]:
     except Exception:
         return []  # Hydra says what is wrong when it composes the same command line
     run = None
+    from ldm.cli.checks import ConfigProblem
+
+    try:  # a checkpoint that cannot be resumed is said now, before Hydra makes a run folder for the attempt
+        if ckpt == "last":
+            newest = newest_last_checkpoint(run_root)
+            broken = broken_last_links(run_root, newer_than=newest)
+            if broken:
+                check_resumable(broken[0], "ckpt_path=last")
+            if newest is not None:
+                check_resumable(newest, "ckpt_path=last")
+        elif ckpt and Path(ckpt).is_file():
+            check_resumable(ckpt)
+    except ConfigError as err:
+        raise ConfigProblem(str(err)) from None
     if ckpt == "last":
         newest = newest_last_checkpoint(run_root)
         run = resumes_in_place(newest) if newest else None
@@ -520,6 +659,23 @@ def check_conditioning_data(datamodule: Any, module: Any) -> None:
         )
 
 
+def checkpoint_io_plugin(cfg: DictConfig) -> dict[str, Any]:
+    """`plugins=` for the Trainer: checkpoint files written whole or not at all (AtomicCheckpointIO), unless
+    the trainer config brings a CheckpointIO of its own."""
+    from lightning.fabric.plugins import CheckpointIO
+
+    from ldm.lightning.interrupt import AtomicCheckpointIO
+
+    given = cfg.trainer.get("plugins")
+    if given is None:
+        return {"plugins": [AtomicCheckpointIO()]}
+    plugins = instantiate(given)
+    plugins = list(plugins) if isinstance(plugins, list | tuple) or OmegaConf.is_list(plugins) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return {"plugins": plugins}
+
+
 def enable_validation(cfg: DictConfig) -> None:
     """With `data.val_shards`, `val/loss` every `trainer.val_check_interval` steps (500 unless given) over
     all of them (`trainer.limit_val_batches=N` caps it); without, no validation loop at all."""
@@ -539,6 +695,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L = import_lightning()
     from ldm.lightning.module import NonFiniteLossError
 
+    set_stop_phase(STARTING)
     check_config(cfg)
     enable_validation(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -568,8 +725,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     check_cached_latents(datamodule, module)
     check_conditioning_data(datamodule, module)
+    if ckpt_path and int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) == 0:
+        from ldm.lightning.interrupt import remove_partial_checkpoints
+
+        for partial in remove_partial_checkpoints(Path(ckpt_path).parent):
+            log.warning("removed %s: a checkpoint write cut off by a kill (the run resumes from the one before)", partial)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg, bool(loggers)), logger=loggers or False, default_root_dir=str(output_dir)
+        cfg.trainer, callbacks=build_callbacks(cfg, bool(loggers)), logger=loggers or False, default_root_dir=str(output_dir),
+        **checkpoint_io_plugin(cfg),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     from ldm.lightning.interrupt import SaveOnInterrupt
@@ -650,11 +813,34 @@ def resume_command(overrides: list[str]) -> str:
     return shlex.join(["python", "train.py", *kept, "ckpt_path=last"])
 
 
+def say(text: str) -> None:
+    """A line to stderr that a closed terminal (after SIGHUP) does not turn into a traceback."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def main() -> None:
-    """The console entry point: the command line as typed (see ldm.cli.overrides), then Hydra."""
+    """The console entry point: the command line as typed (see ldm.cli.overrides), then Hydra. A signal before
+    training starts stops train.py at once with one line (SaveOnInterrupt takes over from the first step)."""
     from ldm.cli.checks import run_cli
 
-    run_cli("train", hydra_main, resume_overrides)
+    install_stop_now()
+    try:
+        run_cli("train", hydra_main, resume_overrides)
+    except SignalExit as stop:
+        if int(os.environ.get("LOCAL_RANK") or 0) == 0 and int(os.environ.get("NODE_RANK") or 0) == 0:
+            nothing = "nothing to save yet" if stop.when == STARTING else "its last.ckpt is complete"
+            say(f"\ntrain.py: {stop} ({nothing})")
+        if stop.signal_name == "SIGUSR1" and stop.when == STARTING:
+            from ldm.lightning.interrupt import requeue_slurm_job
+
+            requeue_slurm_job(None)  # SLURM's time-limit warning: the requeued job starts (or resumes) again
+        raise SystemExit(stop.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C where no handler of ours was in place (Python's own startup)
+        say(f"\ntrain.py: SIGINT {STARTING}: stopped (nothing to save yet)")
+        raise SystemExit(130) from None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -669,15 +855,14 @@ def hydra_main(cfg: DictConfig) -> None:
         train(cfg)
     except Interrupted as err:
         if int(os.environ.get("LOCAL_RANK") or 0) == 0 and int(os.environ.get("NODE_RANK") or 0) == 0:
-            print(f"train.py: {err}\n  resume with: {resume_command(list(HydraConfig.get().overrides.task))}",
-                  file=sys.stderr)
+            say(f"train.py: {err}\n  resume with: {resume_command(list(HydraConfig.get().overrides.task))}")
         raise SystemExit(err.exit_code) from None
     except NonFiniteLossError as err:
-        print(f"train.py: {err}", file=sys.stderr)
+        say(f"train.py: {err}")
         raise SystemExit(1) from None
     except Exception as err:
         shown = user_error(err)
         if shown is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"train.py: error: {shown}", file=sys.stderr)
+        say(f"train.py: error: {shown}")
         raise SystemExit(2) from None

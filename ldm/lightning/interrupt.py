@@ -1,5 +1,8 @@
-"""Save on interrupt: Ctrl-C (SIGINT), a preemption (SIGTERM) or a time-limit warning (SIGUSR1; SIGUSR2
-under submitit) finishes the optimizer step in flight, writes `last.ckpt`, and stops the run cleanly.
+"""Save on interrupt: Ctrl-C (SIGINT), a preemption (SIGTERM), a time-limit warning (SIGUSR1; SIGUSR2
+under submitit) or a closed terminal (SIGHUP; not under nohup, which ignores it) finishes the optimizer step in
+flight, writes `last.ckpt`, and stops the run cleanly. A signal after the run's last step (during its final
+checkpoint) stops it the same way, at that step; one after the final checkpoint is written stops it at once
+(`ldm.cli.train.SignalExit`), with nothing left to save.
 
 The signal handler only takes note. In multi-process runs the ranks tell each other at the end of each
 optimizer step, without waiting: an all-reduce of one number over a CPU (gloo) group, started at the end
@@ -7,7 +10,13 @@ of step N and read at the end of step N+1, when it has long arrived; so all rank
 step after the signal and write the checkpoint together (under FSDP each rank holds a shard of it). The
 device is never involved, so the step does not wait for it. A single process stops at the signal's step. The checkpoint is written the way the
 run's ModelCheckpoint writes its step files (`step-NNNNNNN.ckpt`, complete on disk before `last.ckpt`
-points at it), so retention and `ckpt_path=last` treat it as any other. A second Ctrl-C exits at once.
+points at it), so retention and `ckpt_path=last` treat it as any other. A second Ctrl-C exits at once,
+removing the checkpoint file it was writing, if any.
+
+Every checkpoint file is written by `AtomicCheckpointIO`: to a hidden `.NAME.partial-PID` beside it, flushed to
+disk and renamed, so a file under a checkpoint's name is always whole, even after a SIGKILL (Lightning's own
+writes go through a temporary file in the system's temp folder: a kill there leaves a checkpoint-sized file
+in /tmp, and where /tmp is another filesystem the final copy is not atomic).
 
 After a SIGUSR1 in a SLURM job (`#SBATCH --signal=USR1@90`) rank 0 requeues the job
 (`scontrol requeue`), as Lightning's own SLURM handling does; the requeued job resumes from that
@@ -30,11 +39,102 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
 
-SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
+
+# Checkpoint files being written now (AtomicCheckpointIO): a second Ctrl-C removes them before it exits.
+_IN_FLIGHT: set[Path] = set()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to `.NAME.partial-PID` beside the checkpoint, fsync, rename: never half a file under the
+    checkpoint's name, and nothing left in the system's temp folder. Loading a file that is not a whole
+    checkpoint says so in one line (ldm.checkpoint.CheckpointError), naming the file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's fsspec path
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        _IN_FLIGHT.add(partial)
+        try:
+            with open(partial, "wb") as f:  # a new file's usual permissions (0644 under umask 022)
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, target)
+            _fsync_dir(target.parent)
+        finally:
+            _IN_FLIGHT.discard(partial)
+            partial.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" not in str(path):
+            from ldm.checkpoint import CheckpointError
+            from ldm.cli.train import checkpoint_problem
+
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise CheckpointError(f"{path} is not a whole checkpoint ({problem})")
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_partial_checkpoints(folder: Path) -> list[Path]:
+    """The `.NAME.partial-PID` files an interrupted write left in `folder` (a SIGKILL mid-write), removed."""
+    removed = []
+    for partial in folder.glob(".*.partial-*"):
+        try:
+            partial.unlink()
+            removed.append(partial)
+        except OSError as err:
+            log.warning("could not remove %s: %s", partial, err)
+    return removed
+
+
+def _quiet_closed_terminal() -> None:
+    """After SIGHUP (the terminal closed), writes to it fail (EIO) wherever they happen, the training loop's
+    progress output included: point stdout and stderr at /dev/null instead. The run's train.log still logs."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        for fd in (1, 2):
+            try:
+                if os.isatty(fd):
+                    os.dup2(null, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(null)
+
+
+def _say(text: str) -> None:
+    """One line to stderr from a signal handler: print, not log (logging's lock may be held), and a stderr
+    that is gone (a closed terminal) must not raise into whatever code the signal interrupted."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def interrupted_by(trainer: Any) -> str | None:
@@ -72,6 +172,7 @@ class SaveOnInterrupt(L.Callback):
         self._rank = 0
         self._group: Any = None  # the ranks' CPU group for the stop decision (multi-process runs)
         self._in_flight: tuple[Any, torch.Tensor] | None = None  # (work, flags) of the exchange under way
+        self._finished = False  # on_train_end wrote the final checkpoint: a signal now stops the process
 
     # -- handlers ------------------------------------------------------------------------------------
 
@@ -82,6 +183,8 @@ class SaveOnInterrupt(L.Callback):
         for name in self.signals:
             signum = getattr(signal, name)
             current = signal.getsignal(signum)
+            if name == "SIGHUP" and current is signal.SIG_IGN:
+                continue  # nohup: the user asked for the run to outlive the terminal
             if current is not self._handle and signum not in self._previous:
                 self._previous[signum] = current
             signal.signal(signum, self._handle)
@@ -97,19 +200,28 @@ class SaveOnInterrupt(L.Callback):
         if os.getpid() != self._pid:
             return  # a data loader worker: the training process decides (and stops the workers)
         name = signal.Signals(signum).name
+        if name == "SIGHUP":
+            _quiet_closed_terminal()
+        if self._finished:  # Lightning's teardown put this handler back after the final checkpoint
+            from ldm.cli.train import SignalExit, _stop_phase
+
+            raise SignalExit(name, _stop_phase[0])
         if self.requested is not None:
             if name == "SIGINT":  # a second Ctrl-C: the user does not want to wait
+                for partial in list(_IN_FLIGHT):  # the checkpoint being written would never be whole
+                    try:
+                        partial.unlink(missing_ok=True)
+                    except OSError:
+                        pass
                 if self._rank == 0:
-                    print("\ntrain.py: second interrupt: exiting now, without a checkpoint of this step", file=sys.stderr)
-                sys.stderr.flush()
+                    _say("\ntrain.py: second interrupt: exiting now, without a checkpoint of this step")
                 os._exit(128 + signum)
             return
         self.requested = name
         if self._rank != 0:
             return
-        # print, not log: logging from a signal handler can deadlock on the handler's lock
         how = " (Ctrl-C again to exit at once)" if name == "SIGINT" else ""
-        print(f"\ntrain.py: {name}: finishing this step, then saving a checkpoint{how}", file=sys.stderr, flush=True)
+        _say(f"\ntrain.py: {name}: finishing this step, then saving a checkpoint{how}")
 
     # -- Lightning hooks -----------------------------------------------------------------------------
 
@@ -117,6 +229,7 @@ class SaveOnInterrupt(L.Callback):
         # Before the data loader workers start: forked with this handler, a worker ignores the terminal's
         # Ctrl-C (which reaches the whole process group) instead of dying mid-epoch.
         if stage == "fit":
+            self._finished = False
             self._rank = trainer.global_rank
             self._install()
             if trainer.world_size > 1 and dist.is_available() and dist.is_initialized() and self._group is None:
@@ -159,21 +272,55 @@ class SaveOnInterrupt(L.Callback):
         return bool(flags.numpy()[0] > 0)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        # The last step's exchange: every rank ends at the same step, so all of them read it here. A signal
-        # in the run's last step stops it as one in any other step would (the final checkpoint, "stopped by").
-        if self.stopped_by is None and self._finish_exchange():
+        # The last step's exchange: every rank ends at the same step, so all of them read it here, with a
+        # signal that came after it (during the last step's checkpoint, or now). A signal in the run's last
+        # step stops it as one in any other step would (the final checkpoint, "stopped by"), and so does one
+        # that came after it: the final checkpoint is written (not cut off), then the run stops, unsampled.
+        if self.stopped_by is None and self._signal_at_the_end(trainer):
             self._stop(trainer)
-        self._restore()  # a Ctrl-C during the final sampling interrupts it, as usual
-        if self.stopped_by is not None or not self.save_at_end or getattr(pl_module, "stop_reason", None):
-            return
-        ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
-        if ckpt is not None and trainer.global_step > 0 and getattr(ckpt, "_last_global_step_saved", None) != trainer.global_step:
-            # max_steps not a multiple of every_n_train_steps: Lightning would point last.ckpt (a link) at
-            # the previous step file, and the run's last steps would be lost
-            save_now(trainer)
+        if self.stopped_by is None and self.save_at_end and not getattr(pl_module, "stop_reason", None):
+            ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+            if ckpt is not None and trainer.global_step > 0 and getattr(ckpt, "_last_global_step_saved", None) != trainer.global_step:
+                # max_steps not a multiple of every_n_train_steps: Lightning would point last.ckpt (a link) at
+                # the previous step file, and the run's last steps would be lost
+                save_now(trainer)
+            if trainer.world_size == 1 and self.requested is not None:  # it came during that write
+                self.stopped_by, self.stopped_at = self.requested, trainer.global_step
+                self.checkpoint = save_now(trainer)  # the path: this step is saved already
+        self._restore()
+        self._finished = True
+        if self._pid == os.getpid():
+            # The checkpoint of the last step is on disk: a signal from now on (during the final sampling)
+            # stops the run where it is, saying so, instead of Lightning's "Detected KeyboardInterrupt" and exit 1
+            from ldm.cli.train import install_stop_now, set_stop_phase
+
+            set_stop_phase(f"after the final checkpoint (step {trainer.global_step})")
+            self._previous.update(install_stop_now(self.signals))
+
+    def _signal_at_the_end(self, trainer: L.Trainer) -> bool:
+        """Whether a signal stops the run at its last step: the last step's exchange, and (every rank
+        asked, as every rank is here) whether any rank had one since."""
+        if trainer.world_size == 1:
+            return self.requested is not None
+        if not (dist.is_available() and dist.is_initialized()):
+            return self._finish_exchange()
+        previous = self._finish_exchange()
+        flags = torch.tensor([float(self.requested is not None)])
+        if self._group is None:
+            dist.all_reduce(flags)
+        else:
+            dist.all_reduce(flags, group=self._group)
+        return previous or bool(flags.numpy()[0] > 0)
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
         self._in_flight = None  # other ranks may not be there to finish it
+        # Lightning's teardown, after this hook, puts back the handlers it found when training started (ours),
+        # and no teardown hook of ours follows an exception: it is told the ones to put back instead.
+        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        if isinstance(originals, dict):
+            for signum, handler in list(originals.items()):
+                if handler == self._handle:
+                    originals[signum] = self._previous.get(signum, signal.SIG_DFL)
         self._restore()
 
     def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
@@ -198,7 +345,7 @@ class SaveOnInterrupt(L.Callback):
         if name in self.requeue_on:
             requeue_slurm_job(trainer)
         previous = self._previous.get(getattr(signal, name)) if name else None
-        if name not in ("SIGINT", "SIGTERM") and callable(previous):
+        if name not in ("SIGINT", "SIGTERM") and callable(previous) and not getattr(previous, "stops_now", False):
             # e.g. submitit's time-limit handler: it resubmits the job (and exits); the checkpoint is on disk
             self._restore()
             previous(getattr(signal, name), None)
@@ -229,11 +376,14 @@ def save_now(trainer: L.Trainer) -> str:
     return str(target)
 
 
-def requeue_slurm_job(trainer: L.Trainer) -> None:
-    """`scontrol requeue` this SLURM job (rank 0 only), as Lightning's SLURM auto-requeue does."""
+def requeue_slurm_job(trainer: L.Trainer | None) -> None:
+    """`scontrol requeue` this SLURM job (rank 0 only), as Lightning's SLURM auto-requeue does. Without a
+    trainer (train.py still starting), rank 0 is the process whose RANK (or SLURM_PROCID) is 0."""
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     job = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else os.environ.get("SLURM_JOB_ID")
-    if not job or not trainer.is_global_zero:
+    rank_zero = trainer.is_global_zero if trainer is not None else \
+        int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) == 0
+    if not job or not rank_zero:
         return
     if not re.fullmatch(r"[0-9_]+", job):
         log.warning("not a SLURM job id: %r; not requeued", job)
