@@ -352,6 +352,7 @@ def run(cfg: DictConfig) -> list[Path]:
     # per forward pass, and a batch's size can change the arithmetic), then only that image is written.
     keep = png.image_index if png is not None else None
     written: list[Path] = []
+    _progress.update(out_dir=out_dir, first=index)  # what a signal's one line reports
     for prompt in prompts:
         progress = ProgressBars(settings.steps, cfg.num_images)
         # ldm.sampling.generate_images: what a Python user calls, so both give the same images.
@@ -376,11 +377,58 @@ def run(cfg: DictConfig) -> list[Path]:
     return written
 
 
+# Where `run` writes and the number its first image gets (a signal's line counts the images written since).
+_progress: dict[str, Any] = {"out_dir": None, "first": 0}
+
+
+class Stopped(BaseException):
+    """Ctrl-C, SIGTERM or a closed terminal (SIGHUP) in sample.py: it stops between two forward passes; every
+    PNG already written is whole (each is renamed into place once complete), the one being written is removed."""
+
+    def __init__(self, signal_name: str):
+        self.signal_name = signal_name
+        super().__init__(signal_name)
+
+
+def _install_stop_handlers() -> None:
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name)
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):  # not nohup's ignored SIGHUP
+            signal.signal(signum, stop)
+
+
 def main() -> None:
-    """The console entry point: the command line as typed (see ldm.cli.overrides), then Hydra."""
+    """The console entry point: the command line as typed (see ldm.cli.overrides), then Hydra. A signal stops
+    it with one line that says what was written, and 128 + the signal's number."""
+    import signal
+    import sys
+
     from ldm.cli.checks import run_cli
 
-    run_cli("sample", hydra_main)
+    _install_stop_handlers()
+    try:
+        run_cli("sample", hydra_main)
+    except Stopped as stop:
+        if stop.signal_name == "SIGHUP":
+            from ldm.lightning.interrupt import _quiet_closed_terminal
+
+            _quiet_closed_terminal()
+        out_dir = _progress["out_dir"]
+        images = [] if out_dir is None else [
+            p for p in Path(out_dir).glob("*.png") if p.stem.isdigit() and int(p.stem) >= _progress["first"]
+        ]
+        where = f" to {out_dir}" if out_dir is not None else ""
+        try:
+            print(f"\nsample.py: {stop.signal_name}: stopped; {len(images)} images written{where} (each whole)",
+                  file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+        raise SystemExit(128 + int(getattr(signal, stop.signal_name))) from None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
