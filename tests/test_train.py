@@ -572,7 +572,7 @@ def test_ckpt_path_last_finds_single_runs_and_multirun_jobs(tmp_path: Path) -> N
     job = root / "multirun-2026-01-02_00-00-00" / "0" / "checkpoints" / "last.ckpt"
     for age, path in ((2, single), (1, job)):
         path.parent.mkdir(parents=True)
-        path.write_bytes(b"")
+        torch.save({"global_step": age}, path)  # a whole file: ckpt_path=last refuses a cut-off one
         os.utime(path, (time.time() - 60 * age, time.time() - 60 * age))
     new_single = root / "2026-01-03_00-00-00"
     new_job = root / "multirun-2026-01-03_00-00-00" / "0"

@@ -480,7 +480,9 @@ def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list[Any]:
 
 def missing_values(cfg: DictConfig) -> list[str]:
     """Dotted keys still `???`, found without resolving (OmegaConf.missing_keys stops at the first
-    interpolation that points at one, e.g. `module.init_from: ${init_from}`)."""
+    interpolation that points at one, e.g. `module.init_from: ${init_from}`), and the keys a recipe lists in
+    `required` that are still null or empty. A recipe cannot say `init_from: ???`: train.yaml's `init_from:
+    null` comes first, and OmegaConf keeps a value that a later `???` is merged onto."""
 
     def walk(node: Any, key: str) -> list[str]:
         if isinstance(node, dict | list):
@@ -488,7 +490,17 @@ def missing_values(cfg: DictConfig) -> list[str]:
             return [m for k, v in items for m in walk(v, f"{key}.{k}" if key else str(k))]
         return [key] if node == "???" else []
 
-    return walk(OmegaConf.to_container(cfg, resolve=False), "")
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    missing = walk(raw, "")
+    for key in raw.get("required") or []:
+        value = OmegaConf.select(cfg, str(key), default=None, throw_on_missing=False)
+        if (value is None or value == "") and key not in missing:
+            missing.append(str(key))
+    return missing
+
+
+NO_GPU = ("{cause} torch sees no GPU here: train on the CPU with trainer=cpu (recipes that pick trainer=gpu take "
+          "trainer=cpu too), or run on a machine with a CUDA GPU")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -498,6 +510,12 @@ def check_config(cfg: DictConfig) -> None:
             f"missing mandatory value(s): {', '.join(missing)}; set them on the command line, "
             f"e.g. python train.py {missing[0]}=..."
         )
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", ""))
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # said before a model, a logger or a wandb run is made
+            raise ConfigError(NO_GPU.format(cause=f"trainer.accelerator={accelerator}, but"))
     lora = cfg.module.get("lora")
     if isinstance(lora, DictConfig) and lora.get("text_encoder") not in (None, False) and cfg.module.get("train_text_encoder"):
         raise ConfigError(
@@ -564,7 +582,15 @@ def check_cached_latents(datamodule: Any, module: Any) -> None:
     from ldm.data.cache_latents import fingerprint
     from ldm.data.webdataset import expand_shard_specs, read_cache_info, uses_cached_text
 
-    info = read_cache_info(expand_shard_specs(datamodule.train_shards))
+    if getattr(datamodule, "random_crop", False):
+        raise ConfigError(
+            "data.random_crop=true but data.train_shards hold cached latents, whose crops were fixed when they were "
+            "encoded (one crop a picture): set data.random_crop=false, or train on the image shards (data=webdataset)"
+        )
+    try:
+        info = read_cache_info(expand_shard_specs(datamodule.train_shards))
+    except ValueError as err:  # e.g. a cache an interrupt cut off
+        raise ConfigError(str(err)) from None
     if info is None:
         if getattr(datamodule, "cached_text", None):
             raise ConfigError(
@@ -784,10 +810,7 @@ def user_error(err: BaseException) -> BaseException | None:
     ):
         cause = err.__cause__ or err  # Lightning's word on a trainer setting
         if "gpu backend" in str(cause).lower() or "cuda" in str(cause).lower() and "not available" in str(cause).lower():
-            return ConfigError(
-                f"{cause} torch sees no GPU here: train on the CPU with trainer=cpu (recipes that pick "
-                "trainer=gpu take trainer=cpu too), or run on a machine with a CUDA GPU"
-            )
+            return ConfigError(NO_GPU.format(cause=cause))
         return cause
     return None
 
