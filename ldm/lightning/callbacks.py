@@ -6,6 +6,8 @@ judges here, FID/KID/CLIP score of ldm.lightning.evaluation) reach every logger 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
@@ -277,3 +280,31 @@ class InputFidelity(CaptionFidelity):
 
     def _judge(self, images: list[np.ndarray]) -> float:
         return self.judge(images, self.inputs, self.sampler.prompts)
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with `save_last: link` relinking last.ckpt in one rename.
+
+    Lightning removes last.ckpt and then makes the new link; a kill between the two leaves no last.ckpt, and
+    `ckpt_path=last` then resumes an older run or starts afresh. Here the new link is made under a hidden
+    name beside it and renamed over last.ckpt (atomic on POSIX): at every moment last.ckpt names a whole step
+    file. Where symlinks are not allowed, Lightning's copy stands in, as before."""
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            if os.path.isdir(linkpath) and not os.path.islink(linkpath):
+                shutil.rmtree(linkpath)
+            folder = os.path.dirname(linkpath)
+            hidden = os.path.join(folder, f".{os.path.basename(linkpath)}.partial-{os.getpid()}")  # a resume removes
+            try:
+                if os.path.lexists(hidden):
+                    os.remove(hidden)
+                os.symlink(os.path.relpath(filepath, folder), hidden)
+                os.replace(hidden, linkpath)
+            except OSError:
+                if os.path.lexists(hidden):
+                    os.remove(hidden)
+                ModelCheckpoint._link_checkpoint(trainer, filepath, linkpath)  # it copies; it waits at the barrier
+                return
+        trainer.strategy.barrier()
