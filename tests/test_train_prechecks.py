@@ -38,6 +38,16 @@ def test_a_recipe_that_fine_tunes_names_init_from_when_it_is_left_out(tmp_path: 
     assert not list(tmp_path.glob("outputs/*/*/checkpoints")) and not list(tmp_path.glob("outputs/*/*/wandb"))
 
 
+def test_module_init_from_gives_the_required_init_from_too(tmp_path: Path) -> None:
+    from test_train import compose_train
+
+    from ldm.cli.train import missing_values
+
+    assert missing_values(compose_train(tmp_path, ["experiment=sd15_finetune", "data.train_shards=s/"])) == ["init_from"]
+    for given in ("init_from=base.safetensors", "module.init_from=base.safetensors"):
+        assert missing_values(compose_train(tmp_path, ["experiment=sd15_finetune", "data.train_shards=s/", given])) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for machines without a GPU")
 def test_trainer_gpu_without_a_gpu_stops_before_the_model_and_the_loggers(tmp_path: Path) -> None:
     ckpt = tiny_sd_file(tmp_path / "tiny.safetensors")

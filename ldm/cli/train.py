@@ -492,10 +492,11 @@ def missing_values(cfg: DictConfig) -> list[str]:
 
     raw = OmegaConf.to_container(cfg, resolve=False)
     missing = walk(raw, "")
-    for key in raw.get("required") or []:
-        value = OmegaConf.select(cfg, str(key), default=None, throw_on_missing=False)
-        if (value is None or value == "") and key not in missing:
-            missing.append(str(key))
+    for key in map(str, raw.get("required") or []):
+        # init_from=X or module.init_from=X (what the top-level key feeds): either gives it
+        given = [OmegaConf.select(cfg, k, default=None, throw_on_missing=False) for k in (key, f"module.{key}")]
+        if all(value is None or value == "" for value in given) and key not in missing:
+            missing.append(key)
     return missing
 
 
