@@ -396,8 +396,10 @@ def write_shapes_shards(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    for old in out_dir.glob(f"{SHARD_PREFIX}-*.tar"):
-        old.unlink()
+    # with what a killed writer left: shapes-*.tar.tmp-PID shards, a MANIFEST.json.tmp-PID
+    for old in [*out_dir.glob(f"{SHARD_PREFIX}-*.tar"), *out_dir.glob(f"{SHARD_PREFIX}-*.tar.tmp-*"),
+                *out_dir.glob(f"{MANIFEST}.tmp-*")]:
+        old.unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
     samples = (random_entries(rng, resolution, variant, colours, shapes) for _ in range(num_samples))
     if shuffle_captions:
