@@ -151,6 +151,9 @@ MOMENTS_FLIP_KEY = "moments_flip.npy"  # ... of the mirrored crop (ldm-cache-lat
 COND_MOMENTS_FLIP_KEY = "cond_moments_flip.npy"  # ... and of the mirrored before picture
 CONTEXT_KEY = "context.npy"  # the text encoder's output for the caption (ldm-cache-latents --text)
 CACHE_INFO = "cache.json"  # beside latent shards: what ldm-cache-latents made them with
+# beside latent shards while ldm-cache-latents writes them (its settings), removed once cache.json is written: there,
+# the cache was cut off and holds only some of its shards
+CACHE_INCOMPLETE = "cache.incomplete.json"
 WARN_INTERVAL_S = 60.0
 # what reading a seg map may raise; a picture's decode catches any Exception (PIL's plugins raise struct.error,
 # EOFError, IndexError... on malformed files): a sample is skipped, never the run stopped
@@ -1197,17 +1200,28 @@ def _check_buckets(
     return bucket_sizes(resolution, step, max_ratio)
 
 
+def _local_folders(urls: Sequence[str]) -> set[str]:
+    return {os.path.dirname(u.removeprefix("file:")) for u in urls if "://" not in u and not u.startswith("pipe:")}
+
+
 def cache_folder(urls: Sequence[str]) -> str | None:
     """The folder whose `cache.json` describes these local latent shards (None for remote shards or none found)."""
-    folders = {os.path.dirname(u.removeprefix("file:")) for u in urls if "://" not in u and not u.startswith("pipe:")}
-    for folder in sorted(folders):
+    for folder in sorted(_local_folders(urls)):
         if os.path.isfile(os.path.join(folder or ".", CACHE_INFO)):
             return folder or "."
     return None
 
 
 def read_cache_info(urls: Sequence[str]) -> dict[str, Any] | None:
-    """`cache.json` beside local latent shards (None for remote shards or shards without one)."""
+    """`cache.json` beside local latent shards (None for remote shards or shards without one). A ValueError for
+    shards beside the marker of a cut-off ldm-cache-latents run (`cache.incomplete.json`): only some are there."""
+    for folder in sorted(_local_folders(urls)):
+        marker = os.path.join(folder or ".", CACHE_INCOMPLETE)
+        if os.path.isfile(marker):
+            raise ValueError(
+                f"{folder or '.'} holds a latent cache that was cut off before it finished ({marker} is there, "
+                "so only some of its shards are): run the same ldm-cache-latents command again with --resume"
+            )
     folder = cache_folder(urls)
     if folder is None:
         return None
