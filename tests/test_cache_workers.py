@@ -191,10 +191,13 @@ def test_a_failed_run_leaves_whole_shards_only(
         writing = [n for n in seen if n.startswith(".") and n.endswith(".tar.tmp")]
         assert writing and not {n[1:-len(".tmp")] for n in writing} & set(seen), seen
     left = _contents(out)
-    assert [name for name in left if not name.endswith(".tar")] == []  # no temporary file, no cache.json
-    assert len(left) < len(SIZES) - 1, sorted(left)  # shards were being written when it failed
+    # no temporary file, no cache.json: the marker of a cut-off cache (train.py refuses it), counts for --resume
+    assert {n for n in left if not n.endswith(".tar")} == {"cache.incomplete.json"} | {f".{n}.counts.json" for n in left
+                                                                                   if n.endswith(".tar")}, sorted(left)
+    assert len([n for n in left if n.endswith(".tar")]) < len(SIZES) - 1, sorted(left)  # shards were being written
     for name, members in left.items():
-        assert members == reference[name], name  # what is there is whole
+        if name.endswith(".tar"):
+            assert members == reference[name], name  # what is there is whole
     monkeypatch.undo()  # the run again, over the whole shards it left, completes the cache
     cache_latents(data["sd"], str(data["images"]), out, resolution=RES, batch_size=2, workers=workers, overwrite=True)
     assert _contents(out) == reference

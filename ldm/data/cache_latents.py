@@ -17,7 +17,7 @@ Speed: `--workers N` DataLoader processes decode and crop the source shards whil
 up to 4, this process's share of the CPUs; 0 decodes here). Each source shard is read whole by one worker and its
 latent shard written from its batches alone, so the output is the same for any N (the same samples in the same
 order, the same skip counts). A latent shard is written under a temporary name (`.NAME.tmp`) and renamed when
-whole: an interrupted run leaves whole shards only; run it again with --overwrite. `--precision` runs the
+whole: an interrupted run leaves whole shards only. `--precision` runs the
 autoencoder's encode under torch.autocast of bf16 (the default on a GPU that has it), fp16, or none (fp32, the
 default on the CPU); the moments are made float32 before they are stored in `--dtype`, and cache.json records the
 precision. A bf16-mixed training run on the images encodes under the same bf16 autocast; bit for bit equal steps
@@ -25,6 +25,14 @@ precision. A bf16-mixed training run on the images encodes under the same bf16 a
 what to use instead. The text encoder (`--text`) always runs in float32: a caption is 77 tokens, a small share of
 the work beside the autoencoder's, and float32 contexts are what a 32-true run computes (a bf16-mixed run's own
 differ by bf16's rounding).
+
+Interrupted (Ctrl-C, SIGTERM, SIGKILL, a failure): run the same command again with `--resume`. A run writes
+`OUT/cache.incomplete.json` (its settings) first and removes it after cache.json, last; while it is
+there, train.py refuses the folder (read_cache_info raises). `--resume` keeps the shards already whole (each with the
+counts recorded beside it, `.NAME.counts.json`), encodes the others, and leaves what an uninterrupted run leaves: the
+same shards member for member, cache.json counting them all. It refuses other settings (checkpoint, resolution,
+--flip, --text, buckets, ...), naming them; `--overwrite` encodes every shard again. Either removes what a SIGKILL
+left under temporary names. Under torchrun each rank resumes its own shards.
 
 Every GPU of a node: start it under torchrun. Rank r encodes shards r::world_size on cuda:LOCAL_RANK (`--device
 cuda`, the default on a GPU machine), each rank with its own `--workers`; rank 0 writes cache.json, counting every
@@ -83,7 +91,9 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -111,6 +121,7 @@ from ldm.checkpoint import (
 )
 from ldm.data.webdataset import (
     _STATE,
+    CACHE_INCOMPLETE,
     CACHE_INFO,
     COND_MOMENTS_FLIP_KEY,
     COND_MOMENTS_KEY,
@@ -135,6 +146,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 # rank that fails ends the others through torchrun, not through this timeout
 BARRIER_TIMEOUT = timedelta(hours=24)
 EMPTY_CONTEXT = "empty_context.npy"  # in OUT with --text: the empty prompt's context, which caption dropout puts in
+COUNTS = ".{}.counts.json"  # in OUT while caching: a finished shard's counts, for --resume (removed at the end)
 
 
 def load_encoders(path: str | Path, text: bool = False) -> tuple[AutoencoderKL, torch.nn.Module | None]:
@@ -242,6 +254,7 @@ def cache_latents(
     text: bool = False,
     workers: int = 0,
     precision: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Write one latent shard per source shard into `out_dir`; returns what `cache.json` records.
 
@@ -273,24 +286,72 @@ def cache_latents(
     urls = expand_shard_specs(src)
     out_dir = Path(out_dir)
     names = [_shard_name(url, i) for i, url in enumerate(urls)]
+    if overwrite and resume:
+        raise ValueError("--resume keeps the shards of a cut-off run, --overwrite encodes them again: pass one")
     existing = [n for n in names if (out_dir / n).exists()]
-    if existing and not overwrite:
+    marker = out_dir / CACHE_INCOMPLETE
+    recorded = _read_marker(marker) if resume else None
+    if resume and recorded is None and existing:
+        raise FileExistsError(
+            f"{out_dir} holds {len(existing)} of these shards but no {CACHE_INCOMPLETE}: it is not a cut-off run of "
+            "ldm-cache-latents to --resume (a finished cache, or one of an older version); pass --overwrite"
+        )
+    if (existing or marker.exists()) and not (overwrite or resume):
+        if marker.exists():
+            raise FileExistsError(
+                f"{out_dir} holds a cache that was cut off ({len(existing)} of {len(names)} shards whole, "
+                f"{CACHE_INCOMPLETE} there): pass --resume to encode the missing shards, or --overwrite to start again"
+            )
         raise FileExistsError(f"{out_dir} already holds {len(existing)} of these shards; pass --overwrite")
-    out_dir.mkdir(parents=True, exist_ok=True)
     vae, text_encoder = load_encoders(ckpt, text)
     vae = vae.to(target)
-    _barrier(world_size)  # every rank has looked for existing shards before any writes one
-    text_info = None
-    if rank == 0:
-        (out_dir / EMPTY_CONTEXT).unlink(missing_ok=True)  # a run with --text into this folder before: not this cache's
     if text_encoder is not None:
         text_encoder = text_encoder.to(target)
+    settings = {
+        "first_stage_fingerprint": fingerprint(vae),
+        "text_encoder_fingerprint": fingerprint(text_encoder) if text_encoder is not None else None,
+        "source": [str(u) for u in urls],
+        "resolution": resolution,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "precision": precision,
+        "device": target.type,
+        "caption_key": caption_key,
+        "cond_image_key": cond_image_key,
+        "seg_key": seg_key,
+        "num_classes": num_classes,
+        "buckets": {"step": bucket_step, "max_ratio": bucket_max_ratio} if buckets else None,
+        "flip": flip,
+        "text": text,
+    }
+    if recorded is not None and recorded.get("settings") != settings:
+        raise ValueError(f"--resume: {_differences(recorded.get('settings') or {}, settings)}; run it with the cut-off "
+                         "run's settings, or pass --overwrite instead of --resume")
+    _barrier(world_size)  # every rank has looked for existing shards and the marker before any writes one
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # a cut-off run's leftovers: shards a SIGKILL left under their temporary name, a finished earlier cache's
+        # cache.json (the marker, not it, now says what the folder holds), counts of shards about to be redone
+        for pattern in (".*.tar.tmp", ".cache.*.json", f".{COUNTS.format('*')[:-len('.json')]}.*.json"):
+            for leftover in out_dir.glob(pattern):  # and atomic_write's names for cache.json, the marker, counts
+                leftover.unlink(missing_ok=True)
+        (out_dir / CACHE_INFO).unlink(missing_ok=True)
+        if not resume:
+            _remove_counts(out_dir)
+        (out_dir / EMPTY_CONTEXT).unlink(missing_ok=True)  # a run with --text into this folder before: not this cache's
+        atomic_write(marker, lambda tmp: tmp.write_text(json.dumps({
+            "settings": settings,
+            "resume": "the run was cut off: run the same ldm-cache-latents command again with --resume",
+        }, indent=2)))
+    _barrier(world_size)  # the leftovers are gone and the marker is there before any rank writes a shard
+    text_info = None
+    if text_encoder is not None:
         if rank == 0:  # the empty prompt's context once (caption dropout's), before the shards: cache.json names it
             empty = _contexts(text_encoder, [""], DTYPES[dtype])[0]
             atomic_write(out_dir / EMPTY_CONTEXT, lambda tmp: tmp.write_bytes(empty))
         text_info = {
             "empty_context": EMPTY_CONTEXT,
-            "text_encoder_fingerprint": fingerprint(text_encoder),
+            "text_encoder_fingerprint": settings["text_encoder_fingerprint"],
             "max_length": text_encoder.tokenizer.max_length,
             "context_dim": text_encoder.output_dim,
         }
@@ -305,13 +366,24 @@ def cache_latents(
     ]
     mine = list(range(len(urls)))[rank::world_size]  # this rank's shards: each read whole, as one process reads it
     skipped: Counter[str] = Counter()
-    written = _cache_shards(encoders, [(i, specs[i], out_dir / names[i]) for i in mine], workers, skipped)
+    written = 0
+    if resume:  # a visible shard is whole (written under .NAME.tmp, renamed): kept, with the counts it recorded
+        todo = []
+        for i in mine:
+            counts = _read_counts(out_dir / COUNTS.format(names[i])) if (out_dir / names[i]).exists() else None
+            if counts is None:
+                todo.append(i)
+            else:
+                written += counts["samples"]
+                skipped.update(counts["skipped"])
+        mine = todo
+    written += _cache_shards(encoders, [(i, specs[i], out_dir / names[i]) for i in mine], workers, skipped, True)
     if world_size > 1:  # waits for every rank to finish its shards
         counts: list[Any] = [None] * world_size
         dist.all_gather_object(counts, (written, dict(skipped)))
         written, skipped = sum(n for n, _ in counts), sum((Counter(s) for _, s in counts), Counter())
     info = {
-        "first_stage_fingerprint": fingerprint(vae),
+        "first_stage_fingerprint": settings["first_stage_fingerprint"],
         "latent_channels": vae.embed_dim,
         "resolution": resolution,
         "dtype": dtype,
@@ -328,6 +400,8 @@ def cache_latents(
     }
     if rank == 0:
         atomic_write(out_dir / CACHE_INFO, lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
+        marker.unlink(missing_ok=True)  # after cache.json: the cache is whole
+        _remove_counts(out_dir)
     _barrier(world_size)  # no rank returns before cache.json is there
     return info
 
@@ -403,6 +477,55 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 def _shard_name(url: str, index: int) -> str:
     name = os.path.basename(url.rstrip("/"))
     return name if name.endswith(".tar") else f"shard-{index:06d}.tar"
+
+
+def _read_marker(marker: Path) -> dict[str, Any] | None:
+    """What a cut-off run recorded in its marker (None: no marker)."""
+    try:
+        recorded = json.loads(marker.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{marker} cannot be read ({exc}): pass --overwrite to encode the shards again") from None
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _differences(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
+    """The settings a resumed run changes, in one line."""
+    what = {"first_stage_fingerprint": "the autoencoder (checkpoint)", "text_encoder_fingerprint": "the text encoder "
+            "(checkpoint)", "source": "the source shards", "buckets": "--buckets/--bucket-step/--bucket-max-ratio"}
+    changed = []
+    for key, value in settings.items():
+        if recorded.get(key) != value:
+            if key.endswith("fingerprint") or key == "source":
+                changed.append(f"{what[key]} differs from the cut-off run's")
+            else:
+                flag = what.get(key, "--" + key.replace("_", "-"))
+                changed.append(f"{flag} {_shown(value)} (the cut-off run: {_shown(recorded.get(key))})")
+    return ", ".join(changed) or "the cut-off run recorded no settings"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return "none" if value is None else str(value)
+
+
+def _remove_counts(out_dir: Path) -> None:
+    for path in out_dir.glob(COUNTS.format("*")):
+        path.unlink(missing_ok=True)
+
+
+def _read_counts(path: Path) -> dict[str, Any] | None:
+    """A finished shard's samples and skips, as its run recorded them (None: not recorded, so encode it again)."""
+    try:
+        counts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(counts, dict) and isinstance(counts.get("samples"), int) and isinstance(counts.get("skipped"), dict)
+    return counts if ok else None
 
 
 @dataclass(frozen=True)
@@ -485,8 +608,14 @@ class _ShardWriter:
         self.sink.write(sample)
         self.count += 1
 
-    def commit(self) -> int:
+    def commit(self, skipped: Counter[str], record: bool = False) -> int:
+        """The shard renamed into place; with `record`, its counts written beside it first (so that a shard there
+        has them, for a --resume to count it)."""
         self.sink.close()
+        if record:
+            counts = {"samples": self.count, "skipped": dict(skipped)}
+            atomic_write(self.path.with_name(COUNTS.format(self.path.name)),
+                         lambda tmp: tmp.write_text(json.dumps(counts)))
         os.replace(self.tmp, self.path)
         return self.count
 
@@ -497,10 +626,12 @@ class _ShardWriter:
 
 
 def _cache_shards(
-    encoders: _Encoders, shards: list[tuple[int, _StreamSpec, Path]], workers: int, skipped: Counter[str]
+    encoders: _Encoders, shards: list[tuple[int, _StreamSpec, Path]], workers: int, skipped: Counter[str],
+    record: bool = False,
 ) -> int:
     """Encode `shards` (index, spec, output path): decoded in `workers` DataLoader processes (0: here), each
-    output shard written from its own stream's batches while other shards' batches come in between."""
+    output shard written from its own stream's batches while other shards' batches come in between; each
+    finished shard's counts added to `skipped` (and, with `record`, written beside it for a --resume)."""
     if not shards:
         return 0
     specs, paths = {i: spec for i, spec, _ in shards}, {i: path for i, _, path in shards}
@@ -511,17 +642,20 @@ def _cache_shards(
         dataset, batch_size=None, num_workers=workers, collate_fn=_as_is, pin_memory=device.type == "cuda",
     ))
     writers: dict[int, _ShardWriter] = {}
+    shard_skipped: dict[int, Counter[str]] = {}
     count = 0
     try:
         for index, batch in items:
             if index not in writers:
-                writers[index] = _ShardWriter(paths[index])
+                writers[index], shard_skipped[index] = _ShardWriter(paths[index]), Counter()
             if batch is None:  # the shard's end
-                count += writers.pop(index).commit()
+                counts = shard_skipped.pop(index)
+                count += writers.pop(index).commit(counts, record)
+                skipped.update(counts)
                 continue
-            skipped.update(batch["skipped"])
+            shard_skipped[index].update(batch["skipped"])
             if "image" in batch:
-                _write_batch(encoders, specs[index], batch, writers[index], skipped)
+                _write_batch(encoders, specs[index], batch, writers[index], shard_skipped[index])
     finally:
         for writer in writers.values():
             writer.abort()
@@ -579,7 +713,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="DataLoader processes decoding and cropping the shards while the autoencoder encodes "
                              "(0: in this process; default: %(default)s)")
     parser.add_argument("--caption-key", default="txt")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="encode every shard again into a folder holding some")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish a cut-off run (same command): keep its whole shards, encode the missing ones")
     parser.add_argument("--cond-image-key", help="edit pairs: the before picture's key (e.g. src.jpg)")
     parser.add_argument("--seg-key", help="semantic maps: the class-index map's key (e.g. seg.png)")
     parser.add_argument("--num-classes", type=int, help="with --seg-key: skip maps with labels >= this")
@@ -593,27 +729,59 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also store each caption's text-encoder output (context.npy), from CKPT's text encoder, "
                              "so training does not run it")
     args = parser.parse_args(argv)
-    started = _init_distributed()
+    rank, world_size = 0, 1
+    main_thread = threading.current_thread() is threading.main_thread()  # only it can take signal handlers
+    # SIGTERM stops as Ctrl-C does: the shard being written is removed
+    previous = signal.signal(signal.SIGTERM, _interrupted) if main_thread else None
     try:
-        rank, world_size = _rank_and_world()
+        started = _init_distributed()
         try:
-            info = cache_latents(
-                args.ckpt, args.src, args.out, args.resolution, args.batch_size, args.device, args.dtype,
-                args.caption_key, args.overwrite, args.cond_image_key, args.seg_key, args.num_classes,
-                args.buckets, args.bucket_step, args.bucket_max_ratio, args.flip, args.text, args.workers,
-                args.precision,
-            )
-        except (OSError, ValueError, CheckpointError) as exc:
-            parser.error(str(exc) if world_size == 1 else f"rank {rank}: {exc}")
+            rank, world_size = _rank_and_world()
+            try:
+                info = cache_latents(
+                    args.ckpt, args.src, args.out, args.resolution, args.batch_size, args.device, args.dtype,
+                    args.caption_key, args.overwrite, args.cond_image_key, args.seg_key, args.num_classes,
+                    args.buckets, args.bucket_step, args.bucket_max_ratio, args.flip, args.text, args.workers,
+                    args.precision, args.resume,
+                )
+            except (OSError, ValueError, CheckpointError) as exc:
+                parser.error(str(exc) if world_size == 1 else f"rank {rank}: {exc}")
+        finally:
+            if started:
+                dist.destroy_process_group()
+    except _Stopped as stop:
+        return _stopped(parser.prog, stop.signum, args.out, rank, world_size)
+    except KeyboardInterrupt:
+        return _stopped(parser.prog, signal.SIGINT, args.out, rank, world_size)
     finally:
-        if started:
-            dist.destroy_process_group()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if rank == 0:
         skipped = ", ".join(f"{n} {reason}" for reason, n in info["skipped"].items()) or "none"
         processes = f" on {world_size} processes" if world_size > 1 else ""
         print(f"cached {info['samples']} samples from {len(info['source'])} shard(s) into {args.out}{processes} "
               f"(skipped: {skipped})")
     return 0 if info["samples"] else 1
+
+
+class _Stopped(BaseException):
+    """SIGTERM, raised where the process is, so the shard being written is removed as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
+
+
+def _stopped(prog: str, signum: int, out: str, rank: int, world_size: int) -> int:
+    """One line for a run stopped by a signal, and 128+N."""
+    if rank == 0:
+        print(f"{prog}: stopped by {signal.Signals(signum).name}: the whole shards in {out} are kept; run the same "
+              "command again with --resume (in place of any --overwrite) to encode the rest", file=sys.stderr)
+    return 128 + signum
 
 
 def _init_distributed() -> bool:
