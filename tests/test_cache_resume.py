@@ -243,3 +243,28 @@ def test_the_demo_shard_writer_removes_what_a_killed_writer_left(tmp_path: Path)
     (out / "notes.txt").write_text("not ours")
     shards = write_shapes_shards(out, num_samples=4, samples_per_shard=2, resolution=8)
     assert sorted(os.listdir(out)) == sorted(["MANIFEST.json", "notes.txt", *(Path(s).name for s in shards)])
+
+
+def test_train_refuses_a_cut_off_cache_in_one_line(
+    data: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.py's check_cached_latents turns read_cache_info's ValueError into its one-line ConfigError."""
+    from types import SimpleNamespace
+
+    from ldm.cli.train import ConfigError, check_cached_latents
+
+    out = tmp_path / "latents"
+
+    def failing(*args: Any, encode: Any = cl._encoded, calls: list[int] = []) -> list[bytes]:  # noqa: B006
+        calls.append(1)
+        if len(calls) == 3:  # shard 0 whole (two batches), shard 1 not
+            raise RuntimeError("cut off")
+        return encode(*args)
+
+    monkeypatch.setattr(cl, "_encoded", failing)
+    with pytest.raises(RuntimeError, match="cut off"):
+        cache_latents(data["sd"], str(data["images"]), out, resolution=16, batch_size=2)
+    assert (out / CACHE_INCOMPLETE).is_file() and not (out / CACHE_INFO).exists()
+    datamodule = SimpleNamespace(latents=True, random_crop=False, train_shards=str(out))
+    with pytest.raises(ConfigError, match="cut off.*with --resume"):
+        check_cached_latents(datamodule, SimpleNamespace(first_stage_model=None))
