@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from ldm.data.transforms import ORIENTATION
 from ldm.diffusion.samplers import SAMPLERS, classifier_free_guidance, image_text_guidance, sample
 from ldm.models.stable_diffusion import StableDiffusion
 
@@ -284,13 +285,17 @@ class InputError(ValueError):
     """A picture, mask, map or setting a model cannot take; the message names it and the fix."""
 
 
-def read_picture(source: str | Path | Image.Image, what: str) -> Image.Image:
+def read_picture(source: str | Path | Image.Image, what: str, upright: bool = True) -> Image.Image:
     """A PIL image from a path (or the image itself); `what` names the input in errors (image, mask, seg).
-    A file's EXIF orientation turns it upright, as diffusers' load_image and AUTOMATIC1111 read a phone photo."""
+    With `upright`, a file's EXIF orientation turns it upright, as diffusers' load_image and AUTOMATIC1111
+    read a phone photo (a file without one is returned as opened, its text chunks kept)."""
     if isinstance(source, Image.Image):
         return source
     try:
-        return ImageOps.exif_transpose(Image.open(source))
+        image = Image.open(source)
+        if upright and image.getexif().get(ORIENTATION, 1) != 1:
+            return ImageOps.exif_transpose(image)
+        return image
     except FileNotFoundError:
         raise InputError(f"{what}={source} does not exist") from None
     except OSError as err:

@@ -154,7 +154,7 @@ def apply_png_settings(cfg: DictConfig) -> tuple[DictConfig, FromPng | None]:
         return cfg, None
     from ldm.sampling import read_picture
 
-    picture = read_picture(str(path), "from_png")
+    picture = read_picture(str(path), "from_png", upright=False)  # its text chunks, as written
     try:
         saved, source = pnginfo.read_png_settings(path, getattr(picture, "text", {}))
     except ValueError as err:
