@@ -185,7 +185,7 @@ class SaveOnInterrupt(L.Callback):
             current = signal.getsignal(signum)
             if name == "SIGHUP" and current is signal.SIG_IGN:
                 continue  # nohup: the user asked for the run to outlive the terminal
-            if current is not self._handle and signum not in self._previous:
+            if current != self._handle and signum not in self._previous:  # a bound method: a new object each time
                 self._previous[signum] = current
             signal.signal(signum, self._handle)
 
