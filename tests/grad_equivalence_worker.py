@@ -7,6 +7,7 @@ a list of train.py override lists) in turn through ldm.cli.train.train, in this 
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import json
 import sys
@@ -17,15 +18,17 @@ sys.path[:0] = [str(TESTS.parent), str(TESTS)]  # the test module as pytest name
 
 
 def main() -> None:
+    faulthandler.enable()  # an abort (SIGABRT from C++) leaves every thread's Python stack in the log
     import torch
 
     torch.set_num_threads(1)
-    from ldm.cli.train import train
+    from ldm.cli.train import release_process_group, train
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     compose_run = importlib.import_module(spec["module"]).compose_run
     for overrides in spec["runs"]:
         train(compose_run(overrides))
+    release_process_group()  # as train.py does at its end
 
 
 if __name__ == "__main__":

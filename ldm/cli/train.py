@@ -867,6 +867,17 @@ def main() -> None:
         raise SystemExit(130) from None
 
 
+def release_process_group() -> None:
+    """Destroy the default process group (and with it every other) once all ranks are done with it. Lightning
+    does so at exit for NCCL only; a gloo group left to the interpreter's shutdown can abort a process whose run
+    succeeded ("terminate called without an active exception", exit -6). Not after an error: a rank may still
+    be waiting in a collective there, and the process should exit rather than wait on it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
@@ -877,11 +888,14 @@ def hydra_main(cfg: DictConfig) -> None:
     explicit_prediction_type(cfg, list(HydraConfig.get().overrides.task))
     try:
         train(cfg)
+        release_process_group()
     except Interrupted as err:
+        release_process_group()  # every rank stopped at the same step, by the same decision
         if int(os.environ.get("LOCAL_RANK") or 0) == 0 and int(os.environ.get("NODE_RANK") or 0) == 0:
             say(f"train.py: {err}\n  resume with: {resume_command(list(HydraConfig.get().overrides.task))}")
         raise SystemExit(err.exit_code) from None
     except NonFiniteLossError as err:
+        release_process_group()  # the guard's decision is the same on every rank
         say(f"train.py: {err}")
         raise SystemExit(1) from None
     except Exception as err:
