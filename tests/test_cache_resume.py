@@ -1,6 +1,7 @@
 """ldm-cache-latents cut off (SIGKILL, SIGTERM, a failure) and run again with --resume: the whole shards it left
 are kept, the missing ones encoded, and the folder ends as an uninterrupted run leaves it (the same shards, member
 for member, cache.json counting every shard); a --resume with other settings is refused in one line naming them;
+a --resume of a cache that had finished has nothing to do, and says so;
 a cut-off cache is marked (cache.incomplete.json), so read_cache_info (train.py's check) refuses it, and a run
 without --resume or --overwrite says how to finish it. Two ranks resume as one process does. The demo's shard
 writer removes the shapes-*.tar.tmp-PID files a killed run left.
@@ -194,11 +195,23 @@ def test_a_failed_run_and_a_kills_leftovers_are_cleaned_by_resume_or_overwrite(
         assert main([*_args(data, out, how)]) == 0
         assert _contents(out) == reference, how
 
-    # --resume of a fresh folder is a first run; of a finished cache (no marker) it is refused; both flags too
+    # --resume of a fresh folder is a first run; of a finished cache with the same settings, nothing to do (the
+    # shards untouched); with other settings, or of an older version's cache (no settings recorded), refused
     out = tmp_path / "fresh"
     assert main([*_args(data, out, "--resume")]) == 0
     assert _contents(out) == reference
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     capsys.readouterr()
+    assert main([*_args(data, out, "--resume")]) == 0
+    assert "nothing to resume" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps and _contents(out) == reference
+    with pytest.raises(SystemExit):
+        main([a for a in _args(data, out, "--resume") if a != "--flip"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "finished cache, made with other settings" in err and "--flip" in err and "--overwrite" in err, err
+    info = json.loads((out / CACHE_INFO).read_text())
+    del info["settings"]
+    (out / CACHE_INFO).write_text(json.dumps(info))
     with pytest.raises(SystemExit):
         main([*_args(data, out, "--resume")])
     assert f"no {CACHE_INCOMPLETE}" in capsys.readouterr().err.strip().splitlines()[-1]

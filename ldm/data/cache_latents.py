@@ -32,7 +32,8 @@ there, train.py refuses the folder (read_cache_info raises). `--resume` keeps th
 counts recorded beside it, `.NAME.counts.json`), encodes the others, and leaves what an uninterrupted run leaves: the
 same shards member for member, cache.json counting them all. It refuses other settings (checkpoint, resolution,
 --flip, --text, buckets, ...), naming them; `--overwrite` encodes every shard again. Either removes what a SIGKILL
-left under temporary names. Under torchrun each rank resumes its own shards.
+left under temporary names. Under torchrun each rank resumes its own shards. A `--resume` of a cache that had
+finished (cache.json records its settings) has nothing to do and says so, touching nothing.
 
 Every GPU of a node: start it under torchrun. Rank r encodes shards r::world_size on cuda:LOCAL_RANK (`--device
 cuda`, the default on a GPU machine), each rank with its own `--workers`; rank 0 writes cache.json, counting every
@@ -291,7 +292,8 @@ def cache_latents(
     existing = [n for n in names if (out_dir / n).exists()]
     marker = out_dir / CACHE_INCOMPLETE
     recorded = _read_marker(marker) if resume else None
-    if resume and recorded is None and existing:
+    finished = _finished_cache(out_dir, names) if resume and recorded is None and existing else None
+    if resume and recorded is None and existing and finished is None:
         raise FileExistsError(
             f"{out_dir} holds {len(existing)} of these shards but no {CACHE_INCOMPLETE}: it is not a cut-off run of "
             "ldm-cache-latents to --resume (a finished cache, or one of an older version); pass --overwrite"
@@ -324,6 +326,11 @@ def cache_latents(
         "flip": flip,
         "text": text,
     }
+    if finished is not None:  # --resume after the run had finished (its last shard, then cache.json, were written)
+        if finished.get("settings") != settings:
+            raise ValueError(f"--resume: {out_dir} is a finished cache, made with other settings: "
+                             f"{_differences(finished.get('settings') or {}, settings)}; pass --overwrite to encode it again")
+        return {**finished, "already_complete": True}
     if recorded is not None and recorded.get("settings") != settings:
         raise ValueError(f"--resume: {_differences(recorded.get('settings') or {}, settings)}; run it with the cut-off "
                          "run's settings, or pass --overwrite instead of --resume")
@@ -397,6 +404,7 @@ def cache_latents(
         "skipped": dict(skipped),
         "source": [str(u) for u in urls],
         "checkpoint": str(ckpt),
+        "settings": settings,  # what a --resume of this finished cache compares its own settings with
     }
     if rank == 0:
         atomic_write(out_dir / CACHE_INFO, lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
@@ -404,6 +412,18 @@ def cache_latents(
         _remove_counts(out_dir)
     _barrier(world_size)  # no rank returns before cache.json is there
     return info
+
+
+def _finished_cache(out_dir: Path, names: list[str]) -> dict[str, Any] | None:
+    """cache.json of a finished cache in `out_dir` that holds every one of `names` and records its settings
+    (caches of older versions do not), or None."""
+    try:
+        info = json.loads((out_dir / CACHE_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("settings"), dict):
+        return None
+    return info if all((out_dir / n).is_file() for n in names) else None
 
 
 def default_workers() -> int:
@@ -756,6 +776,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+    if info.get("already_complete"):
+        if rank == 0:
+            print(f"{args.out} is already a finished cache of these {len(info['source'])} shard(s) with these "
+                  f"settings ({info['samples']} samples): nothing to resume")
+        return 0
     if rank == 0:
         skipped = ", ".join(f"{n} {reason}" for reason, n in info["skipped"].items()) or "none"
         processes = f" on {world_size} processes" if world_size > 1 else ""
