@@ -7,7 +7,9 @@ caption beside it (same stem), or a `.csv` (header `path,caption`) / `.jsonl` (`
 "caption": ...}` per line) whose paths are relative to that file's folder. Image bytes are stored
 as they are (no re-encoding) under their own extension, the caption as `.txt` (or `--caption-key`).
 Each shard is written under a temporary name and renamed when complete, so a crash never leaves a
-truncated `shards-*.tar` behind. Pairs that cannot be used are skipped and counted by reason.
+truncated `shards-*.tar` behind; Ctrl-C, SIGTERM or SIGHUP stop it with one line, the shard being written
+removed and the whole ones kept (a kill's leftover is removed by the next run). Pairs that cannot be used are
+skipped and counted by reason.
 
 Image conditioning travels in the same sample. In a folder, `NAME.cond.<ext>` beside `NAME.<ext>` is
 its conditioning image (e.g. InstructPix2Pix's "before" picture), stored as `cond.<ext>`, and
@@ -325,6 +327,51 @@ def _entries(pair: _Pair, min_size: int, caption_key: str) -> dict[str, bytes]:
     return entries
 
 
+def _leftovers(out_dir: Path) -> list[Path]:
+    """Shards a killed ldm-shards left under their temporary name (`shards-NNNNNN.tar.tmp-PID`, the PID no
+    longer running): never whole, never read by the loader."""
+    found = []
+    for path in out_dir.glob(f"{SHARD_PREFIX}-*.tar.tmp-*"):
+        pid = path.name.rsplit(".tmp-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _running(int(pid)):
+            found.append(path)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: running
+        return True
+    return True
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised where the process is, so the shard being written is removed as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
+def _stopped(out: str, signum: int) -> int:
+    """One line for a run stopped by a signal (the shard in progress already removed), and 128+N."""
+    import signal
+
+    whole = sorted(Path(out).glob(f"{SHARD_PREFIX}-*.tar")) if Path(out).is_dir() else []
+    kept = f"the {len(whole)} whole shard(s) in {out} are kept" if whole else f"no whole shard was written in {out}"
+    again = "run the same command again with --overwrite to pack the whole source" if whole else "run it again"
+    print(f"ldm-shards: stopped by {signal.Signals(signum).name}: {kept}, the one being written was removed; {again}",
+          file=sys.stderr)
+    return 128 + signum
+
+
 def make_shards(
     src: str | Path,
     out_dir: str | Path,
@@ -348,6 +395,8 @@ def make_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in existing:
         old.unlink()
+    for leftover in _leftovers(out_dir):
+        leftover.unlink(missing_ok=True)
     summary = ShardSummary()
     with ShardSink(out_dir, SHARD_PREFIX, samples_per_shard) as sink:
         for pair in pairs:
@@ -378,12 +427,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     args = parser.parse_args(argv)
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    stops = [signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else [])
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in stops} if main_thread else {}
     try:
         summary = make_shards(
             args.src, args.out, args.samples_per_shard, args.caption_key, args.min_size, args.overwrite
         )
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
+    except _Stopped as stop:
+        return _stopped(args.out, stop.signum)
+    except KeyboardInterrupt:
+        return _stopped(args.out, signal.SIGINT)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print(summary.report())
     if summary.written == 0:
         print("ldm-shards: error: no usable samples; nothing written", file=sys.stderr)
