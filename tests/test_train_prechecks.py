@@ -65,3 +65,31 @@ def test_random_crop_on_cached_latents_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data.random_crop=true but data.train_shards hold cached latents.*"
                                           r"set data.random_crop=false"):
         check_cached_latents(data, module)
+
+
+def test_a_check_inside_fit_gives_its_line_on_each_rank_without_a_traceback(tmp_path: Path) -> None:
+    """The data module's own check in its setup (inside trainer.fit, where no instantiate wraps it): 2 ranks
+    of trainer=ddp_cpu on the demo's data packed into one shard. Each rank says it in one line, exit 2."""
+    proc = train_py(tmp_path, "trainer=ddp_cpu", "trainer.max_steps=2", "data.num_samples=32", "data.batch_size=2",
+                    "logger=none")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py")]
+    assert lines and all(line.startswith("train.py: error: 1 training shard(s) for 2 ranks") for line in lines), lines
+    assert "data.samples_per_shard=N" in lines[0] and "data.resampled=true data.epoch_length=" in lines[0]
+
+
+def test_a_value_error_from_deep_inside_a_library_keeps_its_traceback() -> None:
+    """Only this package's own checks are shown alone: a ValueError torch raises is a failure to look into."""
+    from ldm.cli.train import user_error
+    from ldm.data.webdataset import WebDataModule
+
+    try:
+        torch.nn.functional.interpolate(torch.zeros(1, 1, 4, 4), scale_factor=2, mode="nearest-but-unknown")
+    except (ValueError, NotImplementedError) as err:
+        assert user_error(err) is None, err
+    else:
+        raise AssertionError("torch accepted an unknown interpolation mode")
+    with pytest.raises(ValueError) as ours:
+        WebDataModule("x.tar", resolution=30)
+    assert user_error(ours.value) is ours.value

@@ -806,6 +806,8 @@ def user_error(err: BaseException) -> BaseException | None:
     if isinstance(err, ConfigError | CheckpointError | FileNotFoundError | OmegaConfBaseException | UsageError
                   | MetricError):
         return err
+    if isinstance(err, ValueError) and raised_in_ldm(err):
+        return err  # our own check inside trainer.fit (the data module's setup: too few shards for the ranks, ...)
     if isinstance(err, MisconfigurationException | InstantiationException) and isinstance(
         err.__cause__ or err, MisconfigurationException
     ):
@@ -814,6 +816,17 @@ def user_error(err: BaseException) -> BaseException | None:
             return ConfigError(NO_GPU.format(cause=cause))
         return cause
     return None
+
+
+def raised_in_ldm(err: BaseException) -> bool:
+    """Whether `err` was raised by this package's own code (its traceback ends in a frame of ldm/): a check of
+    ours with its message, not a failure deep inside torch or another library, whose traceback is shown."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).resolve().parents[1])
 
 
 def explicit_prediction_type(cfg: DictConfig, overrides: list[str]) -> None:

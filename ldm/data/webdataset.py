@@ -1358,12 +1358,13 @@ class WebDataModule(lightning.LightningDataModule):
         if not self.resampled and len(self._train_urls) < world_size:
             raise ValueError(
                 f"{len(self._train_urls)} training shard(s) for {world_size} ranks: each rank needs at least one. "
-                "Write more, smaller shards (ldm-shards --samples-per-shard) or set resampled=true and epoch_length."
+                "Write more, smaller shards (ldm-shards --samples-per-shard N; the demo's data: data.samples_per_shard=N), "
+                "or draw shards with replacement: data.resampled=true data.epoch_length=STEPS"
             )
         if world_size > 1 and self.epoch_length is None:
             logger.warning(
                 "training on %d ranks without epoch_length: ranks whose shards hold fewer samples finish "
-                "the epoch first and DDP may hang; set epoch_length (and resampled=true)",
+                "the epoch first and DDP may hang; set data.epoch_length (and data.resampled=true)",
                 world_size,
             )
 
