@@ -495,7 +495,7 @@ def test_make_shards_from_a_csv_or_jsonl(tmp_path: Path, table: str) -> None:
         rows.append({"path": f"img/{i}.png", "caption": f"picture {i}"})
     rows.append({"path": "img/missing.png", "caption": "gone"})
     rows.append({"path": "img/0.png", "caption": "  "})
-    rows.append({"path": "img/0.bmp", "caption": "bitmap"})
+    rows.append({"path": "img/0.heic", "caption": "a type no loader reads"})
     src = tmp_path / table
     if table.endswith(".csv"):
         src.write_text("path,caption\n" + "".join(f'{r["path"]},"{r["caption"]}"\n' for r in rows))
@@ -517,7 +517,7 @@ def test_make_shards_explains_bad_sources(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "bad.jsonl").write_text('{"path": "a.png", "caption": "x"}\n{oops\n')
     cases = {
         "missing": "does not exist",
-        "empty": "no images (jpg, jpeg, png, webp) found",
+        "empty": "no images (jpg, jpeg, png, webp, bmp, gif, tif, tiff, ppm) found",
         "list.txt": "unknown type '.txt'",
         "noheader.csv": "header row with columns path,caption",
         "bad.jsonl": "bad.jsonl:2: not valid JSON",

@@ -168,6 +168,7 @@ def cases(size: int = 64) -> dict[str, dict[str, bytes]]:
     out["bmp"] = {"bmp": encode(pic, "BMP")}
     out["tiff"] = {"tiff": encode(pic, "TIFF")}
     out["bmp_as_jpg"] = {"jpg": encode(pic, "BMP")}
+    out["heic_named"] = {"heic": encode(pic, "PNG")}
     good = jpeg(base)
     out["truncated_jpeg"] = {"jpg": good[: len(good) // 2]}
     progressive = jpeg(base, progressive=True)
@@ -211,11 +212,9 @@ EXPECTED = {
         "png_p_transparent", "png_la", "png_rgba", "png_rgba_opaque", "png_i16", "png_rgb16", "png_1bit",
         "webp_lossy", "webp_lossless", "webp_alpha", "webp_animated", "gif_as_jpg", "bmp_as_jpg", "png_as_jpg",
         "jpeg_as_png", "one_pixel_jpeg", "one_pixel_png", "small_jpeg", "wide_4000x10", "tall_10x4000",
-        "caption_bom", "caption_utf16", "json_caption")},
-    # only jpg, jpeg, png and webp members are read as the picture (bytes decide the format, not the name)
-    "gif_animated": ("no image", "no jpg, jpeg, png, webp member; keys ['gif', 'txt']"),
-    "bmp": ("no image", "keys ['bmp', 'txt']"),
-    "tiff": ("no image", "keys ['tiff', 'txt']"),
+        "caption_bom", "caption_utf16", "json_caption", "gif_animated", "bmp", "tiff")},
+    # a member of no picture extension (IMAGE_KEYS) is not read as the picture (bytes decide the format, not the name)
+    "heic_named": ("no image", "no jpg, jpeg, png, webp, bmp, gif, tif, tiff, ppm member; keys ['heic', 'txt']"),
     "truncated_jpeg": ("truncated image", "image file is truncated"),
     "truncated_progressive": ("truncated image", "image file is truncated"),
     "truncated_png": ("truncated image", "image file is truncated"),
@@ -233,7 +232,7 @@ CAPTIONS = {"caption_bom": "a picture", "caption_utf16": "a picture", "json_capt
 OPAQUE_UPRIGHT = ("jpeg", "exif1", "cmyk_jpeg", "ycck_jpeg", "grey_jpeg", "progressive_jpeg", "icc_jpeg", "jpeg_444",
                   "jpeg_422", "jpeg_420", "png_rgb", "png_p", "png_rgba_opaque", "png_rgb16", "png_1bit", "webp_lossy",
                   "webp_lossless", "webp_animated", "gif_as_jpg", "bmp_as_jpg", "png_as_jpg", "jpeg_as_png",
-                  "one_pixel_jpeg", "one_pixel_png", "small_jpeg", "tall_10x4000")
+                  "one_pixel_jpeg", "one_pixel_png", "small_jpeg", "tall_10x4000", "gif_animated", "bmp", "tiff")
 
 
 @pytest.fixture(autouse=True)
@@ -552,16 +551,31 @@ def test_dreambooth_names_a_caption_that_is_not_utf8(tmp_path: Path) -> None:
         _dreambooth(tmp_path)
 
 
-def test_make_shards_skips_what_it_cannot_read(shards, tmp_path: Path) -> None:
+def test_make_shards_skips_what_it_cannot_read(shards, loaded, tmp_path: Path) -> None:
     from ldm.data.make_shards import make_shards
 
     group = shards["txt"][1]
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("jpeg", "exif6", "png_rgba", "truncated_png", "zero_bytes", "html_as_jpg", "png_bomb", "caption_latin1"):
+    names = ("jpeg", "exif6", "png_rgba", "bmp", "tiff", "gif_animated", "truncated_png", "zero_bytes", "html_as_jpg",
+             "png_bomb", "caption_latin1")
+    for name in names:
         extension = next(k for k in group[name] if k in wdm.IMAGE_KEYS)
         (src / f"{name}.{extension}").write_bytes(group[name][extension])
         (src / f"{name}.txt").write_bytes(group[name]["txt"])
+    (src / "photo.heic").write_bytes(group["jpeg"]["jpg"])  # a type no loader reads: not listed at all
+    (src / "photo.txt").write_bytes(CAPTION)
     summary = make_shards(src, tmp_path / "out", min_size=100)  # exif6 is 128x192 upright: kept
-    assert summary.written == 3
+    assert summary.written == 6
     assert summary.skipped == {"unreadable image": 4, "unreadable caption": 1}
+    # the pictures stored as they were (BMP, TIFF and GIF bytes under their own extension) load from these shards
+    # as from any shard: the same pixels; keys number the written pictures in the folder's sorted order
+    written = [p.stem for p in sorted(src.iterdir()) if p.suffix != ".txt" and p.suffix != ".heic"
+               and p.stem in ("jpeg", "exif6", "png_rgba", "bmp", "tiff", "gif_animated")]
+    dm = wdm.WebDataModule(summary.shards, batch_size=8, resolution=RES, shuffle_buffer=0)
+    dm.setup("fit")
+    (batch,) = list(dm.train_dataloader())
+    outcomes, _, _ = loaded["pil"]
+    assert batch["key"] == [f"{i:09d}" for i in range(6)] and len(written) == 6
+    for name, image in zip(written, batch["image"], strict=True):
+        assert torch.equal(image, outcomes[name][1]), name

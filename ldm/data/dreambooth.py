@@ -4,7 +4,7 @@ preservation, the base model's own pictures of the subject's class.
     dm = DreamBoothDataModule("dog/", instance_prompt="a photo of sks dog", resolution=512,
                               class_prompt="a photo of dog", num_class_images=200)
 
-`instance_dir` holds the pictures (jpg, jpeg, png, webp); `NAME.txt` beside `NAME.jpg` is its caption,
+`instance_dir` holds the pictures (jpg, jpeg, png, webp, bmp, gif, tif, tiff, ppm; a GIF's or TIFF's first frame); `NAME.txt` beside `NAME.jpg` is its caption,
 otherwise `instance_prompt` is. With `class_prompt`, `setup("fit")` makes (once, cached: see
 `ldm.dreambooth.class_images`) `num_class_images` pictures of the class prompt with the BASE weights, the
 LightningModule's `init_from`, so a resumed run and a later run from the same base find them in `class_cache`.
@@ -74,7 +74,7 @@ from ldm.data.webdataset import _check_buckets, _mix_seed
 
 logger = logging.getLogger(__name__)
 
-PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 MANY_TOKENS = 3  # a trigger word of this many CLIP tokens or more gets a warning
 _INSTANCE, _CLASS = 0, 1  # the two sample streams' seeds
 NO_BASE = ("prior preservation samples the base model: set module.init_from=... (init_from=, the checkpoint you "

@@ -2,7 +2,7 @@
 
     python -m ldm.data.make_shards photos/ data/shards --samples-per-shard 1000   # or: ldm-shards ...
 
-SRC is either a folder of images (jpg/jpeg/png/webp, searched recursively) each with a `.txt`
+SRC is either a folder of images (jpg/jpeg/png/webp, bmp/gif/tif/tiff/ppm; searched recursively) each with a `.txt`
 caption beside it (same stem), or a `.csv` (header `path,caption`) / `.jsonl` (`{"path": ...,
 "caption": ...}` per line) whose paths are relative to that file's folder. Image bytes are stored
 as they are (no re-encoding) under their own extension, the caption as `.txt` (or `--caption-key`).
@@ -41,7 +41,7 @@ from PIL import Image
 
 from ldm.data.transforms import decode_label_map, decode_text, exif_orientation, open_picture, upright_size
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")  # what the loader reads (IMAGE_KEYS)
 SHARD_PREFIX = "shards"
 COND_SIDECAR, SEG_SIDECAR = "cond", "seg"  # NAME.cond.<ext>, NAME.seg.png
 # what reading a seg map may raise; a picture's check catches any Exception (PIL's plugins raise struct.error,

@@ -47,7 +47,8 @@ alone: see transforms.apply_crop). Under every decoder a picture is turned uprig
 plan, buckets and min_size use its upright size), its transparency is composited onto white and 16-bit greys are
 scaled to 8 bits (transforms.to_rgb: what "pil" has always given for opaque, upright 8-bit pictures); colour
 profiles are not applied. Pictures are identified by their bytes (PNG bytes named .jpg load), among the raster
-formats of transforms.PICTURE_FORMATS; a member is read as the picture if its extension is one of IMAGE_KEYS.
+formats of transforms.PICTURE_FORMATS; a member is read as the picture if its extension is one of IMAGE_KEYS (the first there, in that order; a
+GIF's, WebP's or TIFF's first frame).
 
 Shard specs: a brace pattern, a glob, a local path or folder of `.tar` files, a URL webdataset
 can open (`https://...`, `pipe:curl -s ...`), or a list of these. Local files are checked at
@@ -144,7 +145,7 @@ from ldm.data.transforms import (
 
 logger = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")  # the first found is the picture
 MOMENTS_KEY = "moments.npy"  # cached posterior moments, written by ldm.data.cache_latents
 COND_MOMENTS_KEY = "cond_moments.npy"  # ... and the before picture's, whatever its key in the image shards
 MOMENTS_FLIP_KEY = "moments_flip.npy"  # ... of the mirrored crop (ldm-cache-latents --flip)
