@@ -18,8 +18,10 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -125,7 +127,10 @@ class Checkpoint:
     def with_ema_weights(self) -> Checkpoint:
         """The UNet weights replaced by the EMA weights (LDM stores them with the dots removed)."""
         if not self.has_ema():
-            raise CheckpointError(f"{self.source}: asked for EMA weights, but the checkpoint holds no model_ema.*")
+            raise CheckpointError(
+                f"{self.source}: asked for EMA weights, but the checkpoint holds no model_ema.*: drop ema=true "
+                "(ldm-convert: --ema)"
+            )
         sd = {k: v for k, v in self.state_dict.items() if not k.startswith(EMA_PREFIX)}
         for key in [k for k in sd if k.startswith(UNET_PREFIX)]:
             ema_key = EMA_PREFIX + key[len("model.") :].replace(".", "")
@@ -195,30 +200,95 @@ def read_tensor_file(path: str | Path, allow_unsafe_pickle: bool = False) -> tup
     """Tensors (or a pickled dict) and the safetensors metadata of one file.
 
     `.ckpt`/`.pt`/`.bin` files are unpickled with `weights_only=True`, which refuses anything but
-    tensors and plain containers: a pickle can run arbitrary code. `allow_unsafe_pickle` lifts that
-    for a file the user trusts.
+    tensors and plain containers: a pickle can run arbitrary code. The few harmless objects original
+    SD `.ckpt` files hold beside the weights (numpy scalars, the class of pytorch_lightning's
+    ModelCheckpoint as a dict key) are let through as inert stand-ins. `allow_unsafe_pickle` lifts the
+    restriction for a file the user trusts. The format is read off the file's first bytes, not its suffix.
+    A file that cannot be read (cut off, not a checkpoint, a Git LFS pointer) is a CheckpointError.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a weights file (.safetensors/.ckpt) here")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (give a .safetensors/.ckpt file or a diffusers folder)")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=not allow_unsafe_pickle, mmap=False)
-    except pickle.UnpicklingError as err:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
         raise CheckpointError(
-            f"refused to unpickle {path}: it holds objects other than tensors, and unpickling them could run "
-            f"arbitrary code ({str(err).splitlines()[0]}). If you trust this file, load it with "
-            "allow_unsafe_pickle=true (ldm-convert: --allow-unsafe-pickle), and better convert it once to "
-            ".safetensors."
+            f"{path} is a Git LFS pointer file, not the weights: fetch them (git lfs pull) or download the file itself"
+        )
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes): a download or copy that did not finish; fetch it again")
+    pickled = head[:2] == b"PK" or head[:1] == b"\x80"  # torch.save's zip archive, or its legacy pickle
+    if not pickled and path.suffix != ".safetensors" and head[8:9] != b"{":
+        # safetensors files start with an 8-byte header length, then the JSON header
+        raise CheckpointError(
+            f"{path} is not a checkpoint (neither safetensors nor torch.save's format: starts {head[:16]!r}); "
+            "give a .safetensors/.ckpt file or a diffusers folder"
+        )
+    if not pickled:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(str(path)), metadata
+        except SafetensorError as err:
+            raise _unreadable(path, "safetensors", err) from None
+    try:
+        if allow_unsafe_pickle:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False, mmap=False)
+        else:
+            with torch.serialization.safe_globals(_inert_ckpt_globals()), warnings.catch_warnings():
+                # its "Detected pickle protocol 4" note on plain pickles adds nothing for a user
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"it holds {found.group(1)}, " if found else "it holds objects other than tensors, "
+        raise CheckpointError(
+            f"refused to unpickle {path}: {what}and unpickling objects could run arbitrary code. If you trust "
+            f"this file, convert it once: ldm-convert --allow-unsafe-pickle {path} {path.with_suffix('.safetensors')} "
+            "(sample.py takes allow_unsafe_pickle=true)"
         ) from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
+        raise _unreadable(path, "torch (.ckpt)", err) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj, {}
+
+
+def _unreadable(path: Path, form: str, err: BaseException) -> CheckpointError:
+    first = (str(err).splitlines() or [""])[0].split(". ")[0] or type(err).__name__
+    return CheckpointError(
+        f"{path} cannot be read as a {form} file ({first[:200]}): it is cut off or not a checkpoint; "
+        "download or copy it again"
+    )
+
+
+class _InertObject:
+    """What a pickled reference to pytorch_lightning's ModelCheckpoint (a dict key in old Lightning
+    checkpoints' `callbacks`) becomes: a class with no behaviour, so nothing of Lightning is imported or run."""
+
+
+def _inert_ckpt_globals() -> list[Any]:
+    """Globals original SD `.ckpt` files hold besides tensors, all harmless: numpy scalars and dtypes (their
+    `global_step`, callback scores) and the ModelCheckpoint class (as AUTOMATIC1111's safe unpickler allows)."""
+    import codecs
+
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allowed: list[Any] = [
+        (core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+        (core.multiarray.scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        (codecs.encode, "_codecs.encode"),
+    ]
+    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n != "ObjectDType"]
+    for module in ("pytorch_lightning", "lightning.pytorch"):
+        allowed.append((_InertObject, f"{module}.callbacks.model_checkpoint.ModelCheckpoint"))
+    return allowed
 
 
 def _state_dict_of(obj: dict[str, Any]) -> dict[str, Tensor]:
@@ -249,6 +319,18 @@ def read_ldm_file(
         config = json.loads(metadata["ldm_config"])
     if not any(k.startswith(UNET_PREFIX) for k in sd):
         prefixes = sorted({k.split(".")[0] for k in sd})[:10]
+        if any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in sd):
+            raise CheckpointError(
+                f"{path}: holds the UNet only as EMA weights ('{EMA_PREFIX}*', no '{UNET_PREFIX}*'), whose "
+                "dot-less names do not give the architecture: use a file with the UNet under "
+                f"'{UNET_PREFIX}*' (an 'ema-only' release holds its EMA weights there)"
+            )
+        vae_only = all(k.startswith(VAE_TOP_NAMES + VAE_FILE_EXTRAS) for k in sd) or prefixes == ["first_stage_model"]
+        if vae_only and {"encoder.conv_in.weight", VAE_PREFIX + "encoder.conv_in.weight"} & sd.keys():
+            raise CheckpointError(
+                f"{path}: a VAE file (autoencoder weights only), not a whole Stable Diffusion checkpoint: give it "
+                "as the VAE (train.py module.first_stage_ckpt=...) beside a full checkpoint"
+            )
         raise CheckpointError(
             f"{path}: not a Stable Diffusion checkpoint of LDM layout: no '{UNET_PREFIX}*' keys "
             f"(top-level names found: {prefixes}). Expected an SD 1.x/2.x single file, a checkpoint of this "
@@ -299,7 +381,12 @@ def infer_config_from_ldm(sd: dict[str, Tensor], source: str = "checkpoint") -> 
     """The model config read from the tensor shapes of an LDM-named state dict."""
     text = _strip(sd, TEXT_PREFIX)
     if not text:
-        raise CheckpointError(f"{source}: no text encoder weights ('{TEXT_PREFIX}*'); cannot sample from it")
+        raise CheckpointError(
+            f"{source}: no text encoder weights ('{TEXT_PREFIX}*')"
+            + (f" nor VAE weights ('{VAE_PREFIX}*')" if not _strip(sd, VAE_PREFIX) else "")
+            + ": a UNet-only file is not a whole Stable Diffusion checkpoint; give the full checkpoint it was "
+            "made from (or a diffusers folder)"
+        )
     try:
         kind, text_cfg = text_config_from_state_dict(text)
         return {
@@ -311,15 +398,15 @@ def infer_config_from_ldm(sd: dict[str, Tensor], source: str = "checkpoint") -> 
         raise CheckpointError(f"{source}: unknown layout, cannot read the architecture: {err}") from None
 
 
-def _read_component(folder: Path, component: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _read_component(folder: Path, component: str, stem: str | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
     sub = folder / component
     config_path = sub / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: diffusers folder lacks {component}/config.json")
-    config = json.loads(config_path.read_text())
-    stem = DIFFUSERS_WEIGHT_NAMES[component]
+    config = _read_json(config_path)
+    stem = stem or DIFFUSERS_WEIGHT_NAMES[component]
     candidates = [f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"]
-    candidates += ["pytorch_model.bin"] if component == "text_encoder" else []
+    candidates += ["pytorch_model.bin", "pytorch_model.fp16.bin"] if component == "text_encoder" else []
     for name in candidates:
         if (sub / name).is_file():
             return config, _state_dict_of(read_tensor_file(sub / name)[0])
@@ -330,6 +417,16 @@ def _read_component(folder: Path, component: str) -> tuple[dict[str, Any], dict[
             sd.update(_state_dict_of(read_tensor_file(sub / shard)[0]))
         return config, sd
     raise CheckpointError(f"{folder}: no weights in {component}/ (looked for {', '.join(candidates)})")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}): restore the file from the model's release") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds {type(value).__name__}, not a JSON object: restore it from the release")
+    return value
 
 
 def read_diffusers_folder(
@@ -356,7 +453,7 @@ def read_diffusers_folder(
     sched_path = folder / "scheduler" / "scheduler_config.json"
     recorded = None
     if sched_path.is_file():
-        sched = json.loads(sched_path.read_text())
+        sched = _read_json(sched_path)
         # diffusers' schedulers default to epsilon when the key is absent, so the file says epsilon then
         recorded = (sched.get("prediction_type", "epsilon"), "its scheduler/scheduler_config.json")
         config["schedule"] = {
@@ -406,6 +503,71 @@ def _restore_extras(folder: Path, sd: dict[str, Tensor], config: dict[str, Any])
     return extras
 
 
+VAE_TOP_NAMES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+# What standalone VAE files (vae-ft-mse-840000-ema-pruned.ckpt and the like) hold besides the autoencoder.
+VAE_FILE_EXTRAS = ("loss.", "model_ema.decay", "model_ema.num_updates")
+
+
+def read_vae_weights(
+    path: str | Path, vae_config: dict[str, Any], what: str = "first_stage_ckpt"
+) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """An autoencoder's weights under LDM names (no prefix), for a model whose first stage is `vae_config`, and
+    the `ldm_config` a `.ckpt` of this project records beside them (else None).
+
+    Takes what users pass as a VAE: a file with `first_stage_model.*` keys (an SD single file, a checkpoint of
+    this project), a standalone LDM VAE file (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`;
+    its `loss.*` and EMA counters dropped), a diffusers VAE (its folder, a pipeline folder, or its weights
+    file). Weights whose names or shapes do not fit `vae_config` are a CheckpointError naming them."""
+    path = Path(path).expanduser()
+    recorded = None
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(
+                f"{what}={path} is a folder without a VAE: give a diffusers VAE folder (config.json and "
+                "diffusion_pytorch_model.safetensors), a diffusers pipeline folder, or a VAE weights file"
+            )
+        sd = _read_component(folder.parent, folder.name, "diffusion_pytorch_model")[1]
+    else:
+        obj, _ = read_tensor_file(path)
+        sd = _state_dict_of(obj)
+        recorded = obj["ldm_config"] if isinstance(obj.get("ldm_config"), dict) else None
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        sd = _strip(sd, VAE_PREFIX)
+    else:
+        sd = {k: v for k, v in sd.items() if not k.startswith(VAE_FILE_EXTRAS)}
+    if not sd or not all(k.startswith(VAE_TOP_NAMES) for k in sd):
+        names = sorted({k.split(".")[0] for k in sd})[:10]
+        raise CheckpointError(
+            f"{what}={path} holds no autoencoder weights (top-level names found: {names}): give a VAE file "
+            f"('{VAE_PREFIX}*' keys, or encoder.*/decoder.* as vae-ft-mse files have), or a diffusers VAE"
+        )
+    if any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in sd):
+        try:
+            sd = vae_from_diffusers(sd, vae_config)
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{what}={path}: a diffusers VAE that does not fit this model's: {err}") from None
+    expected = _vae_shapes(vae_config)
+    missing, unexpected = _diff_keys(expected, sd)
+    wrong = [f"{k} {list(sd[k].shape)} (model: {expected[k]})" for k in sorted(sd.keys() & expected.keys())
+             if list(sd[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        report = _key_report(f"{what}={path}", missing, unexpected, limit=5).replace(
+            "the weights do not fit the architecture read from the checkpoint", "not this model's autoencoder"
+        )
+        shapes = f"; {len(wrong)} of other shapes: {', '.join(wrong[:3])}" if wrong else ""
+        raise CheckpointError(report.replace("\n", ";") + shapes)
+    return sd, recorded
+
+
+def _vae_shapes(vae_config: dict[str, Any]) -> dict[str, list[int]]:
+    from ldm.models.autoencoder import AutoencoderKL
+
+    with parameters_on_meta():
+        vae = AutoencoderKL(**vae_config)
+    return {k: list(v.shape) for k, v in vae.state_dict().items()}
+
+
 def is_diffusers_folder(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "unet" / "config.json").is_file()
 
@@ -425,7 +587,16 @@ def read_checkpoint(
     checkpoint records nothing. See `settle_prediction_type`."""
     path = Path(path).expanduser()
     how = {"force_prediction_type": force_prediction_type, "default_prediction_type": default_prediction_type}
+    if path.name == "model_index.json" and path.is_file():
+        path = path.parent  # the pipeline folder's index: the folder is meant
     if path.is_dir():
+        parent = path.parent
+        if (path / "config.json").is_file() and ((parent / "model_index.json").is_file() or is_diffusers_folder(parent)):
+            raise CheckpointError(
+                f"{path} is one component ({path.name}/) of a diffusers folder: give the folder that holds it, {parent}"
+            )
+        if not is_diffusers_folder(path) and (path / "model_index.json").is_file():
+            return read_diffusers_folder(path, prediction_type, **how)  # which says what it lacks
         if not is_diffusers_folder(path):
             raise CheckpointError(
                 f"{path} is a folder but not a diffusers pipeline folder (no unet/config.json); "
@@ -449,6 +620,10 @@ def load_model(
         log.info("%s", ckpt.prediction_type_note)
     if ema:
         ckpt = ckpt.with_ema_weights()
+        log.info("%s: sampling with its EMA weights (model_ema.*)", ckpt.source)
+    elif ckpt.has_ema():
+        log.info("%s: holds EMA weights too (model_ema.*); using the non-EMA UNet (ema=true for the EMA one)",
+                 ckpt.source)
     return ckpt.build_model().eval()
 
 

@@ -54,7 +54,6 @@ from torch import Tensor
 from ldm.checkpoint import (
     EMA_PREFIX,
     UNET_PREFIX,
-    VAE_PREFIX,
     CheckpointError,
     read_checkpoint,
 )
@@ -207,6 +206,9 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
                 default_prediction_type=model.get("prediction_type"),
             )
             log.info("init_from %s", init.prediction_type_note)
+            if init.has_ema():
+                log.info("init_from=%s holds EMA weights too (model_ema.*): training starts from the non-EMA UNet; "
+                         "for the EMA one, ldm-convert --ema it to a file and start from that", init_from)
             config = normalize_config(with_runtime_options(init.config, model))
         else:
             config = normalize_config({**model, **({"prediction_type": prediction_type} if prediction_type else {})})
@@ -346,17 +348,14 @@ class LatentDiffusion(StableDiffusion, L.LightningModule):
         self.load_state_dict(state_dict, strict=True)
 
     def _load_first_stage(self, path: str) -> None:
-        """The autoencoder from a stage-one checkpoint (or any file with `first_stage_model.*`)."""
-        from ldm.checkpoint import read_tensor_file
+        """The autoencoder from a stage-one checkpoint, an SD file, a standalone VAE file (vae-ft-mse) or a
+        diffusers VAE (see read_vae_weights)."""
+        from ldm.checkpoint import read_vae_weights
 
-        obj, _ = read_tensor_file(path)
-        sd = obj.get("state_dict", obj)
-        vae = {k[len(VAE_PREFIX) :]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
-        if not vae:
-            raise CheckpointError(f"first_stage_ckpt={path} holds no '{VAE_PREFIX}*' weights")
+        vae, recorded = read_vae_weights(path, self.config["first_stage"])
         self.first_stage_model.load_state_dict(vae, strict=True)
-        if isinstance(obj.get("ldm_config"), dict) and "scale_factor" in obj["ldm_config"]:
-            self.config["scale_factor"] = float(obj["ldm_config"]["scale_factor"])
+        if recorded is not None and "scale_factor" in recorded:
+            self.config["scale_factor"] = float(recorded["scale_factor"])
             self._scale_measured = True
 
     @property
