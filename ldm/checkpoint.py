@@ -336,6 +336,11 @@ def read_ldm_file(
             f"(top-level names found: {prefixes}). Expected an SD 1.x/2.x single file, a checkpoint of this "
             "project, or a diffusers folder."
         )
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        raise CheckpointError(
+            f"{path} is an SDXL checkpoint (conditioner.embedders.*, two text encoders): this project loads SD 1.x "
+            "and 2.x models; use an SD 1.x/2.x checkpoint"
+        )
     extras = {k: sd.pop(k) for k in sorted(sd) if k in SCHEDULE_BUFFERS or k == POSITION_IDS}
     _merge_trained_lora(sd)
     known = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, EMA_PREFIX)
@@ -589,6 +594,14 @@ def read_checkpoint(
     how = {"force_prediction_type": force_prediction_type, "default_prediction_type": default_prediction_type}
     if path.name == "model_index.json" and path.is_file():
         path = path.parent  # the pipeline folder's index: the folder is meant
+    pipeline = path.parent.parent
+    if path.is_file() and (path.parent / "config.json").is_file() and (
+        (pipeline / "model_index.json").is_file() or is_diffusers_folder(pipeline)
+    ):
+        raise CheckpointError(
+            f"{path} is the weights of one component ({path.parent.name}/) of a diffusers folder: give the folder "
+            f"that holds them all, {pipeline}"
+        )
     if path.is_dir():
         parent = path.parent
         if (path / "config.json").is_file() and ((parent / "model_index.json").is_file() or is_diffusers_folder(parent)):

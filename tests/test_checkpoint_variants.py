@@ -284,12 +284,24 @@ def test_diffusers_folder_problems_are_named(tmp_path, pipe):
             read_checkpoint(folder)
     with pytest.raises(CheckpointError, match=f"one component.*give the folder that holds it, {pipe}$"):
         read_checkpoint(pipe / "unet")
+    with pytest.raises(CheckpointError, match=f"weights of one component \\(unet/\\).*holds them all, {pipe}$"):
+        read_checkpoint(pipe / "unet" / "diffusion_pytorch_model.safetensors")
     assert read_checkpoint(pipe / "model_index.json").source == str(pipe)  # the index names its folder
     folder = tmp_path / "broken-config"
     shutil.copytree(pipe, folder)
     (folder / "unet" / "config.json").write_text('{"in_channels": 4,')
     with pytest.raises(CheckpointError, match="unet/config.json is not valid JSON"):
         read_checkpoint(folder)
+
+
+def test_an_sdxl_file_is_named_as_such(tmp_path, base):
+    """SDXL's UNet is under model.diffusion_model.* too; its text encoders under conditioner.embedders.*."""
+    sd = {k: v for k, v in base[1].items() if k.startswith((UNET, VAE))}
+    sd["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(64)
+    save_file(sd, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(CheckpointError, match="an SDXL checkpoint.*use an SD 1.x/2.x checkpoint") as err:
+        read_checkpoint(tmp_path / "sdxl.safetensors")
+    assert "\n" not in str(err.value)
 
 
 # ---- bad input, through the commands as a user types them -----------------------------------------
