@@ -195,6 +195,17 @@ def test_first_stage_ckpt_takes_every_vae_form(tmp_path, base, pipe):
         assert all(torch.equal(got[k], v) for k, v in expected.items()), form
 
 
+def test_autoencoder_training_init_from_takes_a_vae_ft_mse_file(tmp_path, base, pipe):
+    """Fine-tuning a VAE from vae-ft-mse (stage one's module.init_from): its bare names and loss weights."""
+    from ldm.lightning.autoencoder import AutoencoderTraining
+
+    _, sd = base
+    expected = {k[len(VAE):]: v for k, v in sd.items() if k.startswith(VAE)}
+    path = _vae_forms(sd, pipe, tmp_path)["bare-ckpt"]
+    got = AutoencoderTraining(model_config("tiny"), init_from=str(path)).first_stage_model.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+
+
 def test_first_stage_ckpt_refuses_another_vae_or_no_vae_in_one_line(tmp_path, base):
     from ldm.lightning.module import LatentDiffusion
 

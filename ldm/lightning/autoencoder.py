@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ldm.checkpoint import VAE_PREFIX, CheckpointError, read_checkpoint, read_tensor_file
+from ldm.checkpoint import read_vae_weights
 from ldm.lightning.resume import start_next_epoch_fresh
 from ldm.models.autoencoder import AutoencoderKL, DiagonalGaussianDistribution
 from ldm.models.autoencoder_losses import AutoencoderLoss
@@ -83,7 +83,9 @@ class AutoencoderTraining(L.LightningModule):
         self.seed = seed
         self.automatic_optimization = disc_start is None
         if init_from:
-            self.first_stage_model.load_state_dict(read_first_stage_weights(init_from), strict=True)
+            # an SD file, a stage-one checkpoint, a standalone VAE file (vae-ft-mse) or a diffusers VAE
+            weights, _ = read_vae_weights(init_from, self.first_stage_config, "init_from")
+            self.first_stage_model.load_state_dict(weights, strict=True)
         self._generator: torch.Generator | None = None
         # Running (bias-corrected) E[z] and E[z²] of the posterior, for scale_factor.
         self._latent_moments = torch.zeros(2, dtype=torch.float64)
@@ -189,20 +191,6 @@ class AutoencoderTraining(L.LightningModule):
             self._latent_moments = stats["moments"].clone()
             self._latent_batches = int(stats["batches"])
         self._generator = None
-
-
-def read_first_stage_weights(path: str) -> dict[str, Tensor]:
-    """The autoencoder's weights (LDM names, prefix stripped) from a file with `first_stage_model.*`
-    keys (an SD single file, this project's checkpoints of either stage) or a diffusers folder."""
-    if Path(path).is_dir():
-        sd = read_checkpoint(path).state_dict
-    else:
-        obj, _ = read_tensor_file(path)
-        sd = obj.get("state_dict", obj)
-    weights = {k[len(VAE_PREFIX) :]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
-    if not weights:
-        raise CheckpointError(f"init_from={path} holds no '{VAE_PREFIX}*' weights")
-    return weights
 
 
 class ReconstructionGrid(L.Callback):
