@@ -442,12 +442,20 @@ def read_diffusers_folder(
     default_prediction_type: str | None = None,
 ) -> Checkpoint:
     folder = Path(path)
+    if (folder / "text_encoder_2").is_dir() or (folder / "tokenizer_2").is_dir():
+        raise CheckpointError(
+            f"{folder} is an SDXL pipeline folder (text_encoder_2/): this project loads SD 1.x and 2.x models; "
+            "use an SD 1.x/2.x checkpoint"
+        )
     unet_dcfg, unet_sd = _read_component(folder, "unet")
     vae_dcfg, vae_sd = _read_component(folder, "vae")
     text_dcfg, text_sd = _read_component(folder, "text_encoder")
-    unet_cfg = unet_config_from_diffusers(unet_dcfg)
-    vae_cfg, scale_factor = vae_config_from_diffusers(vae_dcfg)
-    kind, text_cfg = text_config_from_diffusers(text_dcfg)
+    try:
+        unet_cfg = unet_config_from_diffusers(unet_dcfg)
+        vae_cfg, scale_factor = vae_config_from_diffusers(vae_dcfg)
+        kind, text_cfg = text_config_from_diffusers(text_dcfg)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder}: a config.json this project cannot build a model from: {err}") from None
     config: dict[str, Any] = {
         "image_size": unet_dcfg.get("sample_size", 64) * downsampling_factor(vae_cfg),
         "unet": unet_cfg,

@@ -303,6 +303,11 @@ def test_diffusers_folder_problems_are_named(tmp_path, pipe):
     (folder / "unet" / "config.json").write_text('{"in_channels": 4,')
     with pytest.raises(CheckpointError, match="unet/config.json is not valid JSON"):
         read_checkpoint(folder)
+    folder = tmp_path / "sdxl"
+    shutil.copytree(pipe, folder)
+    shutil.copytree(folder / "text_encoder", folder / "text_encoder_2")
+    with pytest.raises(CheckpointError, match="an SDXL pipeline folder"):
+        read_checkpoint(folder)
 
 
 def test_an_sdxl_file_is_named_as_such(tmp_path, base):
@@ -332,8 +337,11 @@ class _System:
         return (os.system, (self.command,))
 
 
-def _bad_inputs(tmp: Path, sd: dict) -> dict[str, tuple[Path, str]]:
+def _bad_inputs(tmp: Path, sd: dict, pipe: Path) -> dict[str, tuple[Path, str]]:
     """name -> (path, what the error line must say)."""
+    shutil.copytree(pipe, tmp / "odd-unet")
+    config = json.loads((tmp / "odd-unet" / "unet" / "config.json").read_text())
+    (tmp / "odd-unet" / "unet" / "config.json").write_text(json.dumps({**config, "addition_embed_type": "text_time"}))
     marker = tmp / "pwned"
     torch.save({"state_dict": {UNET + "x": _System(f"touch {marker}")}}, tmp / "evil.ckpt")
     save_file(sd, str(tmp / "whole.safetensors"))
@@ -356,6 +364,7 @@ def _bad_inputs(tmp: Path, sd: dict) -> dict[str, tuple[Path, str]]:
         "unet-only": (tmp / "unet-only.safetensors", "a UNet-only file.*give the full checkpoint"),
         "empty": (tmp / "empty.ckpt", "is empty"),
         "folder": (tmp / "folder", "not a diffusers pipeline folder"),
+        "odd-unet": (tmp / "odd-unet", "cannot build a model from: .*addition_embed_type='text_time'"),
     }
 
 
@@ -368,10 +377,10 @@ def _error_line(result: subprocess.CompletedProcess, prog: str) -> str:
     return lines[0]
 
 
-def test_bad_checkpoints_stop_every_command_with_one_line(tmp_path, base):
+def test_bad_checkpoints_stop_every_command_with_one_line(tmp_path, base, pipe):
     import re
 
-    cases = _bad_inputs(tmp_path, base[1])
+    cases = _bad_inputs(tmp_path, base[1], pipe)
     for name, (path, message) in cases.items():
         if name in ("evil", "random", "unet-only"):  # sample.py as typed; the rest via ldm-convert, quicker
             result = _run("sample.py", f"ckpt={path}", "prompt=a cat", f"out_dir={tmp_path / 'out'}", cwd=REPO)
