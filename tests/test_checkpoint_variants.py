@@ -231,9 +231,13 @@ WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", 
 
 
 def _as_bin(folder: Path, text_name: str = "pytorch_model.bin") -> None:
+    """As the hub's first SD folders: `.bin` weights, the text encoder's with its position ids (transformers < 4.31)."""
     for part, stem in WEIGHTS.items():
         src = folder / part / f"{stem}.safetensors"
-        torch.save(load_file(str(src)), folder / part / (text_name if part == "text_encoder" else f"{stem}.bin"))
+        weights = load_file(str(src))
+        if part == "text_encoder":
+            weights["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        torch.save(weights, folder / part / (text_name if part == "text_encoder" else f"{stem}.bin"))
         src.unlink()
 
 
