@@ -46,7 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def convert(args: argparse.Namespace) -> str:
-    dst = Path(args.dst)
+    for name in ("src", "dst"):  # `ldm-convert src=a.safetensors dst=b`, as train.py and sample.py take settings
+        if getattr(args, name).startswith(f"{name}=") and not Path(getattr(args, name)).exists():
+            src, dst = (args.src.removeprefix("src="), args.dst.removeprefix("dst="))
+            raise CheckpointError(f"SRC and DST are plain paths, without {name}=: ldm-convert {src} {dst}")
+    dst = Path(args.dst).expanduser()  # a quoted `~/...` the shell left alone, as SRC is read
     if dst.exists() and not (args.overwrite and dst.is_file()):
         raise CheckpointError(f"{dst} exists; choose another destination (or --overwrite for a file)")
     ckpt = read_checkpoint(

@@ -16,6 +16,7 @@ import importlib
 import inspect
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,26 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 # Flags after which Hydra does not run a job, or runs several (sweeps compose per job): no precheck.
 NO_PRECHECK_FLAGS = {"-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion"}
 _KIND = {bool: "true or false", int: "an integer", float: "a number"}
+# Every flag of Hydra's own command line (the rest of a command line is key=value overrides).
+HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "--resolve", "-p", "--package", "-r",
+               "--run", "-m", "--multirun", "-sc", "--shell-completion", "-cp", "--config-path", "-cn",
+               "--config-name", "-cd", "--config-dir", "--experimental-rerun", "-i", "--info"}
+# The names diffusers' scripts, kohya's sd-scripts and AUTOMATIC1111 give settings that have a key here.
+ALIASES = {
+    "cfg_scale": "guidance_scale", "scale": "guidance_scale", "num_inference_steps": "steps",
+    "ddim_steps": "steps", "sampling_steps": "steps", "sample_steps": "steps", "sampler_name": "sampler",
+    "sample_sampler": "sampler", "n_samples": "num_images", "num_images_per_prompt": "num_images",
+    "images_per_prompt": "num_images", "outdir": "out_dir", "output_dir": "out_dir", "negative": "negative_prompt",
+    "neg_prompt": "negative_prompt", "H": "height", "W": "width", "from_file": "prompt_file",
+    "ckpt_path": "ckpt", "checkpoint": "ckpt", "model_path": "ckpt", "pretrained_model_name_or_path": "init_from",
+    "precision": "dtype", "network_weights": "lora", "network_mul": "lora_scale", "lora_weights": "lora",
+    "max_train_steps": "trainer.max_steps", "max_steps": "trainer.max_steps", "learning_rate": "module.optimizer.lr",
+    "lr": "module.optimizer.lr", "train_batch_size": "data.batch_size", "batch_size": "data.batch_size",
+    "resolution": "data.resolution", "resume_from_checkpoint": "ckpt_path", "resume": "ckpt_path",
+    "train_data_dir": "data.train_shards", "mixed_precision": "trainer.precision",
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches", "max_grad_norm": "trainer.gradient_clip_val",
+    "num_train_epochs": "trainer.max_epochs", "max_train_epochs": "trainer.max_epochs",
+}
 
 
 class ConfigProblem(ValueError):
@@ -52,16 +73,23 @@ def flat_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def closest_key(key: str, known: list[str]) -> str | None:
-    """The known key a typo most likely meant: among its siblings first, then anywhere."""
-    parent = key.rpartition(".")[0]
+    """The known key a typo most likely meant: the key other tools' scripts call it by, then one among its
+    siblings, then the one key anywhere with a close last part (compared by last parts, so `sampler.step` is
+    `steps`, not `sampler.eta` for their shared `sampler.`), then the closest whole key."""
+    parent, _, leaf = key.rpartition(".")
+    for name in (key, leaf):
+        for target in (ALIASES.get(name), ALIASES.get(name.lower())):
+            if target in known and target != key:
+                return target
     siblings = [k for k in known if k.rpartition(".")[0] == parent]
-    for pool in (siblings, known):
-        match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
-        if match:
-            return match[0]
-    leaf = key.rpartition(".")[2]
+    match = difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in siblings], n=1, cutoff=0.6)
+    if match:
+        return f"{parent}.{match[0]}" if parent else match[0]
     by_leaf = [k for k in known if difflib.get_close_matches(leaf, [k.rpartition(".")[2]], n=1, cutoff=0.8)]
-    return by_leaf[0] if len(by_leaf) == 1 else None
+    if len(by_leaf) == 1:
+        return by_leaf[0]
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return match[0] if match else None
 
 
 def _lookup(node: Any, key: str) -> tuple[bool, Any]:
@@ -104,8 +132,15 @@ def _explain_composition(err: Exception, overrides: list[str], config_name: str,
         return f"unknown key {key}{_did_you_mean(key, known)}; `python {config_name}.py --cfg job` lists the keys"
     missing_group = re.search(r"Could not find '([^']+)'", text)
     if missing_group:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return " ".join(lines).replace("Available options in", "; available options in")
+        group, _, choice = missing_group.group(1).rpartition("/")
+        options = sorted(p.stem for p in (CONF / group).glob("*.yaml")) if group else []
+        if not options:
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            return " ".join(lines).split(" Config search path:")[0].replace("Available options in", "; available options in")
+        lower = {o.lower(): o for o in options}
+        guess = lower.get(choice.lower()) or next(iter(difflib.get_close_matches(choice, options, n=1, cutoff=0.6)), None)
+        hint = f" (did you mean {group}={guess}?)" if guess else ""
+        return f"Could not find '{group}/{choice}'{hint}; available options in '{group}': {' '.join(options)}"
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
@@ -161,10 +196,12 @@ def _is_interpolation(value: Any) -> bool:
 
 def _check_value_kinds(base: dict[str, Any], final: dict[str, Any], overrides: list[str]) -> list[str]:
     problems = []
-    for override in overrides:
+    for index, override in enumerate(overrides):
         prefix, key, raw = _split(override)
         if prefix or "." not in key and key in config_groups():
             continue
+        if any(_split(later)[1] == key for later in overrides[index + 1 :]):
+            continue  # a later override of the key wins: the value in `final` is that one's, not this one's
         had, before = _lookup(base, key)
         found, after = _lookup(final, key)
         if not (had and found) or before is None or after is None or _is_interpolation(after):
@@ -181,12 +218,50 @@ def _check_value_kinds(base: dict[str, Any], final: dict[str, Any], overrides: l
     return problems
 
 
+def _not_a_flag(config_name: str, args: list[str], index: int) -> str:
+    """What to type instead of an argparse-style `--key value` / `--key=value` (other tools' scripts)."""
+    flag, eq, value = args[index].partition("=")
+    following = args[index + 1] if index + 1 < len(args) else None
+    if not eq and following is not None and not following.startswith("-") and "=" not in following:
+        value = following
+    name = flag.lstrip("-").replace("-", "_")
+    try:
+        known = flat_keys(_compose(config_name, [a for a in args if "=" in a and not a.startswith("-")]))
+    except Exception:
+        known = []
+    key = name if name in known else closest_key(name, known) or name
+    if not value:
+        value = "..."
+    elif not re.fullmatch(r"[\w./:,+@%~-]+", value):
+        value = f'"{value}"' if not re.search(r'["$`\\]', value) else shlex.quote(value)
+    return (f"{flag} is not an option of python {config_name}.py: settings are key=value overrides, "
+            f"as {key}={value} (`python {config_name}.py --help` lists them)")
+
+
+def _out_dir_problem(final: dict[str, Any]) -> str | None:
+    """The folder Hydra makes before the job runs (`out_dir`, train.py's `paths.root`) where a file is."""
+    for key in ("out_dir", "paths.root"):
+        found, value = _lookup(final, key)
+        if not found or not isinstance(value, str) or "${" in value:
+            continue
+        path = Path(value).expanduser()
+        for folder in (path, *path.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    return f"{key}={value}: {folder} is a file, not a folder: give a folder to write into"
+                break
+    return None
+
+
 def precheck(config_name: str, args: list[str]) -> None:
     """Raise ConfigProblem (one line) for a command line that would fail inside Hydra or deep in the run."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a in NO_PRECHECK_FLAGS for a in args):
         return
     flags_with_values = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                          "--config-dir", "-cd", "--experimental-rerun"}
+    for index, arg in enumerate(args):
+        if arg.startswith("-") and arg.partition("=")[0] not in HYDRA_FLAGS and not re.fullmatch(r"-\d.*", arg):
+            raise ConfigProblem(_not_a_flag(config_name, args, index))
     for previous, arg in zip(["", *args], args, strict=False):  # (argument before, argument); no arguments: none
         if "=" not in arg and not arg.startswith("-") and previous not in flags_with_values:
             raise ConfigProblem(
@@ -205,6 +280,9 @@ def precheck(config_name: str, args: list[str]) -> None:
         base = _compose(config_name, group_choices) if group_choices != overrides else final
     except Exception:
         base = {}
+    out_dir = _out_dir_problem(final)
+    if out_dir:
+        raise ConfigProblem(out_dir)
     problems = _check_added_keys(base, final, overrides)
     value_overrides = [o for o in overrides if not _split(o)[0] and _split(o)[1] not in groups]
     if value_overrides and not problems:

@@ -11,12 +11,15 @@ prompt or a shard pattern, so every CLI of the project passes its arguments thro
   `validation_prompts=[a,b]` stays Hydra's list.
 - any other value that Hydra's grammar cannot parse, but that is plainly a string (a brace range
   `shards/shard-{000000..000099}.tar`, a URL with `?` and `&`), is taken as that string.
+- a path typed inside quotes with a leading `~` (`'ckpt=~/models/x.safetensors'`, where the shell left the
+  `~` alone) is the home folder's, as the shell would have made it, not a folder named `~`.
 - a value that looks like a structure (it opens with `[`, `{`, `(` or a quote, or holds `${`) is left
   to Hydra, whose error then gets the quoting that fixes it (`quoting_hint`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 # Leaf names of keys whose values are free text, wherever they sit (`prompt`, `callbacks.x.prompt`, ...).
@@ -102,6 +105,9 @@ def rewrite_arg(arg: str) -> str:
     if parts is None:
         return arg
     head, value, leaf = parts
+    if (value == "~" or value.startswith("~/")) and not _is_free_text(leaf, value) and leaf not in FREE_TEXT_LIST_KEYS:
+        value = os.path.expanduser(value)
+        arg = f"{head}={value}"
     if _is_free_text(leaf, value):
         if _is_quoted_string(value):
             return arg
@@ -115,11 +121,13 @@ def rewrite_arg(arg: str) -> str:
 def rewrite_argv(args: list[str]) -> list[str]:
     """Every argument through `rewrite_arg`. Flags (`--cfg job`, `-m`) pass unchanged, and so do their
     values, which hold no `=`. Words the shell split off an unquoted prompt (`prompt=a red cat` arrives as
-    `prompt=a`, `red`, `cat`) join it again: no override is a bare word."""
+    `prompt=a`, `red`, `cat`) join it again: no override is a bare word, nor a word with an `=` and no key
+    before it (`prompt=x = y`, `prompt=a =b`)."""
     joined: list[str] = []
     for arg in args:
         previous = _split(joined[-1]) if joined else None
-        if previous and "=" not in arg and not arg.startswith("-") and _is_free_text(previous[2], previous[1]):
+        part_of_text = "=" not in arg or _KEY.fullmatch(arg.partition("=")[0]) is None
+        if previous and part_of_text and not arg.startswith("-") and _is_free_text(previous[2], previous[1]):
             joined[-1] += " " + arg
         else:
             joined.append(arg)

@@ -59,12 +59,17 @@ def resolve_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device={name} is not a device: give auto, cpu, cuda, cuda:N or mps") from None
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
     if cfg.prompt_file:
         path = Path(cfg.prompt_file)
+        if path.is_dir():
+            raise UsageError(f"prompt_file={path} is a folder: give a text file with one prompt per line")
         if not path.is_file():
             raise UsageError(f"prompt_file={path} does not exist")
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -275,6 +280,9 @@ def run(cfg: DictConfig) -> list[Path]:
         raise UsageError(f"dtype={cfg.dtype} is not one of {sorted(DTYPES)}")
     if cfg.num_images < 1:
         raise UsageError(f"num_images must be at least 1, got {cfg.num_images}")
+    for key in ("batch_size", "height", "width"):
+        if cfg.get(key) is not None and cfg[key] < 1:
+            raise UsageError(f"{key} must be at least 1, got {cfg[key]} (or leave it out: {key}=null)")
     compile_mode = cfg.get("compile_mode", "default")
     if cfg.get("compile") and compile_mode not in COMPILE_MODES:
         raise UsageError(f"compile_mode={compile_mode} is not one of {', '.join(COMPILE_MODES)}")
