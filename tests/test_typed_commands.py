@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import tiny_sd_file
 from PIL import Image
 
@@ -67,6 +68,10 @@ MISTAKES = [
     (SAMPLE, "sample.py", "ckpt=x prompt=x cfg_scale=7", "unknown key cfg_scale (did you mean guidance_scale?)"),
     (TRAIN, "train.py", "experiment=sd15_finetun", "(did you mean experiment=sd15_finetune?)"),
     (SAMPLE, "sample.py", "ckpt=x prompt=x sampler=DDIM", "(did you mean sampler=ddim?); available options in"),
+    (SAMPLE, "sample.py", "ckpt=x prompt=x sampler=euler_a sampler.eta=0.5",
+     "sampler=euler_a has no eta: sampler.eta applies to sampler=ddim"),
+    (SAMPLE, "sample.py", "ckpt=x prompt=x guidance_scale=7,5", "a number takes a decimal point, as guidance_scale=7.5"),
+    (TRAIN, "train.py", "module.optimizer.lr=1,5", "as module.optimizer.lr=1.5"),
 ]
 
 
@@ -114,6 +119,7 @@ def test_bad_sample_inputs_stop_with_one_line(tmp_path: Path, ckpt: Path) -> Non
         ("prompt=x batch_size=-1", "batch_size must be at least 1, got -1"),
         ("prompt=x height=0 width=32", "height must be at least 1, got 0"),
         ("prompt=x device=gpu", "device=gpu is not a device: give auto, cpu, cuda, cuda:N or mps"),
+        *([] if torch.cuda.is_available() else [("prompt=x device=cuda", "torch sees no CUDA GPU here; use device=cpu")]),
     ):
         line = one_line_error(bash(f"{SAMPLE} ckpt={ckpt} steps=1 out_dir=out {args}", tmp_path), "sample.py")
         assert expected in line, line

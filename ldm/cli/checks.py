@@ -129,7 +129,21 @@ def _explain_composition(err: Exception, overrides: list[str], config_name: str,
             known = flat_keys(_compose(config_name, group_choices))
         except Exception:
             known = []
+        group, _, leaf = key.partition(".")
+        chosen = next((_split(o)[2] for o in reversed(group_choices) if _split(o)[1] == group), None)
+        takes = sorted(p.stem for p in (CONF / group).glob("*.yaml") if re.search(rf"(?m)^{re.escape(leaf)}:", p.read_text())) if group in groups and "." not in leaf else []
+        if takes and chosen:
+            return f"{group}={chosen} has no {leaf}: {key} applies to {group}={' or '.join(takes)}"
         return f"unknown key {key}{_did_you_mean(key, known)}; `python {config_name}.py --cfg job` lists the keys"
+    ambiguous = re.search(r"Ambiguous value for argument '([^'=]+)=(-?\d+),(\d+)'", text)
+    if ambiguous:
+        key, whole, part = ambiguous.groups()
+        try:
+            found, default = _lookup(_compose(config_name, group_choices), key.lstrip("+"))
+        except Exception:
+            found, default = False, None
+    if ambiguous and found and isinstance(default, float):  # 7,5 typed for 7.5 (a decimal comma)
+        return f"{key}={whole},{part} is a list to Hydra: a number takes a decimal point, as {key}={whole}.{part}"
     missing_group = re.search(r"Could not find '([^']+)'", text)
     if missing_group:
         group, _, choice = missing_group.group(1).rpartition("/")

@@ -60,9 +60,18 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"device={name} is not a device: give auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device={name}: torch sees no CUDA GPU here; use device=cpu (or device=auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device={name}: torch sees {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps is not None and mps.is_available()):
+        raise UsageError(f"device={name}: torch sees no Apple GPU (MPS) here; use device=cpu (or device=auto)")
+    return device
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
