@@ -321,6 +321,9 @@ def output_size(
     """(height, width): as asked; else the input picture's size for image-to-image and edit models
     (rounded down to the autoencoder's multiple, as diffusers' img2img and InstructPix2Pix pipelines
     do); else the model's native size."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value < 1:  # not 0 as "unset": `height or native` would take it so
+            raise InputError(f"{name} must be at least 1, got {value} (or leave it out: {name}=null)")
     if model.concat in (None, "image") and image is not None and (height is None or width is None):
         factor = model.downsampling_factor
         w, h = (v - v % factor for v in read_picture(image, "image").size)

@@ -88,14 +88,14 @@ def test_an_unquoted_prompt_with_an_equals_sign_and_a_quoted_home_path_run(tmp_p
     (home / "models").mkdir(parents=True)
     (home / "models" / "tiny.safetensors").symlink_to(ckpt)
     result = bash(
-        f"{SAMPLE} 'ckpt=~/models/tiny.safetensors' prompt=a cat, sitting = on mat é 東京 steps=1 height=32 width=32 "
+        f"{SAMPLE} 'ckpt=~/models/tiny.safetensors' prompt=a cat, sitting = on mat - é 東京 steps=1 height=32 width=32 "
         "'out_dir=~/out'",
         tmp_path, HOME=str(home),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (tmp_path / "~").exists()
     png = Image.open(home / "out" / "00000.png")
-    assert json.loads(png.text["ldm"])["prompt"] == "a cat, sitting = on mat é 東京"
+    assert json.loads(png.text["ldm"])["prompt"] == "a cat, sitting = on mat - é 東京"
 
 
 def test_a_file_where_the_output_folder_goes_is_refused_and_kept(tmp_path: Path, ckpt: Path) -> None:
@@ -141,3 +141,10 @@ def test_a_value_given_twice_is_judged_by_the_one_that_wins(tmp_path: Path) -> N
     # test_cli's bad overrides come after its own trainer.max_steps=1: only the bad one is named
     line = one_line_error(bash(f"{TRAIN} trainer.max_steps=1 trainer.max_steps=ten", tmp_path), "train.py")
     assert "trainer.max_steps=ten: expected an integer" in line and "trainer.max_steps=1:" not in line, line
+
+
+def test_ldm_compare_refuses_a_zero_size_instead_of_taking_the_native_one(tmp_path: Path, ckpt: Path) -> None:
+    result = bash(f"{BIN}/ldm-compare base={ckpt} prompt=x variants=[{ckpt}] steps=1 height=0 width=32 out_dir=c",
+                  tmp_path)
+    assert "height must be at least 1, got 0" in one_line_error(result, "ldm-compare")
+    assert not list((tmp_path / "c").glob("grid-*"))

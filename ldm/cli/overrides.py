@@ -122,12 +122,13 @@ def rewrite_argv(args: list[str]) -> list[str]:
     """Every argument through `rewrite_arg`. Flags (`--cfg job`, `-m`) pass unchanged, and so do their
     values, which hold no `=`. Words the shell split off an unquoted prompt (`prompt=a red cat` arrives as
     `prompt=a`, `red`, `cat`) join it again: no override is a bare word, nor a word with an `=` and no key
-    before it (`prompt=x = y`, `prompt=a =b`)."""
+    before it (`prompt=x = y`, `prompt=a =b`), nor a dash alone (`prompt=a cat - oil painting`)."""
     joined: list[str] = []
     for arg in args:
         previous = _split(joined[-1]) if joined else None
         part_of_text = "=" not in arg or _KEY.fullmatch(arg.partition("=")[0]) is None
-        if previous and part_of_text and not arg.startswith("-") and _is_free_text(previous[2], previous[1]):
+        dash = set(arg) == {"-"}  # `prompt=a cat - oil painting`: a dash alone is no flag
+        if previous and part_of_text and (dash or not arg.startswith("-")) and _is_free_text(previous[2], previous[1]):
             joined[-1] += " " + arg
         else:
             joined.append(arg)
