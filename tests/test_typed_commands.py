@@ -148,3 +148,20 @@ def test_ldm_compare_refuses_a_zero_size_instead_of_taking_the_native_one(tmp_pa
                   tmp_path)
     assert "height must be at least 1, got 0" in one_line_error(result, "ldm-compare")
     assert not list((tmp_path / "c").glob("grid-*"))
+
+
+def test_train_resume_and_start_mistakes_say_what_to_pass(tmp_path: Path, ckpt: Path) -> None:
+    (tmp_path / "runs").mkdir()
+    for args, expected in (
+        # kohya/diffusers users resume from their model file: that is init_from here
+        (f"ckpt_path={ckpt}", f"is a weights file, not a training checkpoint to resume (a run's "
+                              f"checkpoints/last.ckpt): to start from its weights, pass init_from={ckpt}"),
+        ("ckpt_path=runs", "ckpt_path=runs is a folder: give a checkpoint file"),
+        # stage two of the demo before stage one: our resolver's words, without OmegaConf's prefix
+        ("experiment=demo", "train.py: error: no checkpoint of run 'autoencoder_demo' under runs/autoencoder_demo"),
+        ("run_name=my run", 'needs quotes in the shell, as run_name="my run"'),
+    ):
+        line = one_line_error(bash(f"{TRAIN} paths.root=runs logger=none trainer.max_steps=1 {args}", tmp_path),
+                              "train.py")
+        assert expected in line and "raised while resolving" not in line, line
+    assert not list((tmp_path / "runs").glob("*/*/checkpoints/*"))

@@ -278,9 +278,11 @@ def precheck(config_name: str, args: list[str]) -> None:
             raise ConfigProblem(_not_a_flag(config_name, args, index))
     for previous, arg in zip(["", *args], args, strict=False):  # (argument before, argument); no arguments: none
         if "=" not in arg and not arg.startswith("-") and previous not in flags_with_values:
+            head, eq, value = previous.partition("=")
+            typed = f'{head}="{value} {arg}"' if eq and not previous.startswith("-") and "'" not in value else None
             raise ConfigProblem(
                 f"{arg!r} is not an override (key=value): a value with spaces needs quotes in the shell, "
-                f"e.g. key=\"{arg} ...\""
+                + (f"as {typed}" if typed else f"e.g. key=\"{arg} ...\"")
             )
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     groups = config_groups() | {"hydra/launcher"}

@@ -99,6 +99,9 @@ def check_resumable(ckpt: str | Path, what: str = "ckpt_path") -> None:
     """A checkpoint to resume from is a whole file, or ConfigError: one line naming the file, why, and what
     to pass instead (the newest whole step file beside it, if there is one)."""
     path = Path(ckpt)
+    if path.suffix == ".safetensors" and path.is_file():  # a model's weights, as kohya's and diffusers' scripts take
+        raise ConfigError(f"{what}={path} is a weights file, not a training checkpoint to resume (a run's "
+                          f"checkpoints/last.ckpt): to start from its weights, pass init_from={path}")
     shown = f"{path} (-> {os.readlink(path)})" if path.is_symlink() else str(path)
     if path.is_symlink() and not path.exists():
         problem = "a link to a file that no longer exists"
@@ -235,6 +238,13 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             return None
         check_resumable(newest, "ckpt_path=last")
         return str(newest)
+    if Path(ckpt_path).is_dir():
+        folder = Path(ckpt_path)  # a run's folder, its checkpoints folder, or a run_name's folder of runs
+        found = [*folder.glob("last.ckpt"), *folder.glob("checkpoints/last.ckpt"), *folder.glob("*/checkpoints/last.ckpt")]
+        last = max(found, key=os.path.getmtime, default=None)
+        hint = f"ckpt_path={last}" if last else "its checkpoints/last.ckpt"
+        raise ConfigError(f"ckpt_path={ckpt_path} is a folder: give a checkpoint file ({hint}), or ckpt_path=last "
+                          "for the newest run of the run_name")
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
     check_resumable(ckpt_path)
@@ -803,6 +813,9 @@ def user_error(err: BaseException) -> BaseException | None:
 
     # UsageError and MetricError: a training-time evaluation's settings (callbacks/evaluate), checked when the
     # callback sets up inside trainer.fit, use ldm-eval's own words
+    resolving = re.match(r"(ConfigError|CheckpointError|UsageError) raised while resolving interpolation: ", str(err))
+    if isinstance(err, OmegaConfBaseException) and resolving:  # our own resolver's words, without OmegaConf's
+        return ConfigError(str(err)[resolving.end() :].split("\n")[0])
     if isinstance(err, ConfigError | CheckpointError | FileNotFoundError | OmegaConfBaseException | UsageError
                   | MetricError):
         return err
