@@ -147,7 +147,7 @@ def prompts_of(cfg: DictConfig) -> list[str]:
         path = Path(cfg.prompt_file)
         if not path.is_file():
             raise UsageError(f"prompt_file={path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not prompts:
         raise UsageError('give prompt="...", prompts=[...] or prompt_file=PATH (one prompt per line)')
     return prompts

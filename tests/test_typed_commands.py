@@ -165,3 +165,15 @@ def test_train_resume_and_start_mistakes_say_what_to_pass(tmp_path: Path, ckpt: 
                               "train.py")
         assert expected in line and "raised while resolving" not in line, line
     assert not list((tmp_path / "runs").glob("*/*/checkpoints/*"))
+
+
+def test_prompt_files_as_editors_save_them(tmp_path: Path, ckpt: Path) -> None:
+    # Windows Notepad: a byte-order mark and CRLF line ends; an older editor: Latin-1
+    (tmp_path / "notepad.txt").write_bytes("\ufeffa café\r\na dog\r\n".encode())
+    (tmp_path / "latin.txt").write_bytes("a café\n".encode("latin-1"))
+    line = one_line_error(bash(f"{SAMPLE} ckpt={ckpt} prompt_file=latin.txt steps=1", tmp_path), "sample.py")
+    assert "prompt_file=latin.txt is not UTF-8 text" in line and "save it as UTF-8" in line, line
+    result = bash(f"{SAMPLE} ckpt={ckpt} prompt_file=notepad.txt steps=1 height=32 width=32 out_dir=out", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    prompts = [json.loads(Image.open(tmp_path / "out" / f"0000{i}.png").text["ldm"])["prompt"] for i in (0, 1)]
+    assert prompts == ["a café", "a dog"]

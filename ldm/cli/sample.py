@@ -81,7 +81,12 @@ def read_prompts(cfg: DictConfig) -> list[str]:
             raise UsageError(f"prompt_file={path} is a folder: give a text file with one prompt per line")
         if not path.is_file():
             raise UsageError(f"prompt_file={path} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:  # utf-8-sig: a byte-order mark (Windows Notepad's UTF-8) is not part of the first prompt
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"prompt_file={path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset "
+                             f"{err.start}): save it as UTF-8") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise UsageError(f"prompt_file={path} holds no prompts (one per line)")
         return prompts
