@@ -177,3 +177,14 @@ def test_prompt_files_as_editors_save_them(tmp_path: Path, ckpt: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     prompts = [json.loads(Image.open(tmp_path / "out" / f"0000{i}.png").text["ldm"])["prompt"] for i in (0, 1)]
     assert prompts == ["a café", "a dog"]
+
+
+def test_help_typed_as_a_word_and_flags_without_a_key_point_to_help(tmp_path: Path) -> None:
+    line = one_line_error(bash(f"{SAMPLE} help", tmp_path), "sample.py")
+    assert line == "sample.py: error: 'help' is not an override (key=value): `python sample.py --help` lists the settings"
+    line = one_line_error(bash(f"{BIN}/ldm-eval help", tmp_path), "ldm-eval")
+    assert "`ldm-eval --help` lists the settings" in line, line
+    # a flag that names no key here: no made-up key=value to copy
+    line = one_line_error(bash(f"{SAMPLE} -n 4 prompt=x", tmp_path), "sample.py")
+    assert line.endswith("-n is not an option of python sample.py: settings are key=value overrides "
+                         "(`python sample.py --help` lists them)"), line

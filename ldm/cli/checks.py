@@ -243,7 +243,10 @@ def _not_a_flag(config_name: str, args: list[str], index: int) -> str:
         known = flat_keys(_compose(config_name, [a for a in args if "=" in a and not a.startswith("-")]))
     except Exception:
         known = []
-    key = name if name in known else closest_key(name, known) or name
+    key = name if name in known else closest_key(name, known)
+    if key is None:
+        return (f"{flag} is not an option of python {config_name}.py: settings are key=value overrides "
+                f"(`python {config_name}.py --help` lists them)")
     if not value:
         value = "..."
     elif not re.fullmatch(r"[\w./:,+@%~-]+", value):
@@ -277,6 +280,8 @@ def precheck(config_name: str, args: list[str]) -> None:
         if arg.startswith("-") and arg.partition("=")[0] not in HYDRA_FLAGS and not re.fullmatch(r"-\d.*", arg):
             raise ConfigProblem(_not_a_flag(config_name, args, index))
     for previous, arg in zip(["", *args], args, strict=False):  # (argument before, argument); no arguments: none
+        if arg.lower() in ("help", "-help", "/?", "?") and previous not in flags_with_values:
+            raise ConfigProblem(f"{arg!r} is not an override (key=value): `python {config_name}.py --help` lists the settings")
         if "=" not in arg and not arg.startswith("-") and previous not in flags_with_values:
             head, eq, value = previous.partition("=")
             typed = f'{head}="{value} {arg}"' if eq and not previous.startswith("-") and "'" not in value else None
