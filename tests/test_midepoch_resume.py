@@ -292,8 +292,14 @@ def _shards_with_bad_samples(folder: Path) -> list[str]:
 
 
 def _stream(dm: WebDataModule) -> list[dict[str, Any]]:
+    """One pass, its workers stopped after it: a persistent loader dropped unclosed keeps them until it is
+    collected, and then waits on each (minutes in all, at a later test's garbage collection or at exit)."""
     dm.setup("fit")
-    return list(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    try:
+        return list(loader)
+    finally:
+        loader.close()
 
 
 @pytest.mark.parametrize(
@@ -331,6 +337,7 @@ def test_the_stream_goes_on_exactly_after_any_batch(tmp_path: Path, settings: di
         next(stream)  # read ahead, as Lightning does: not trained on, not saved
         state = before.state_dict()
         stream.close()
+        loader.close()
         trained_skips = Counter()
         for b in full[:cut]:
             trained_skips.update(b["skipped"])
